@@ -1,0 +1,135 @@
+"""`dit-jax` command line: train and sample. Thin: parses, then calls the library.
+
+User errors (bad config, missing files, damaged checkpoints, bad data) end with one line on
+stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import logging
+import os
+import sys
+
+def load_config_file(spec: str):
+    """`path/to/config.py[:arg]` -> the ConfigDict returned by its get_config(arg)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found; pass --config=configs/<name>.py[:arg]")
+    module_spec = importlib.util.spec_from_file_location(f"dit_jax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise FileNotFoundError(f"config file {path!r} has no get_config(arg) function")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string such as --config.data.source=digits
+
+
+def apply_overrides(config_dict, overrides: list[str]):
+    """Applies `--config.a.b=value` overrides to a ConfigDict, naming unknown keys."""
+    from dit_jax.config import ConfigError
+
+    for item in overrides:
+        if not item.startswith("--config.") or "=" not in item:
+            raise ConfigError(f"unrecognised argument {item!r}; overrides look like --config.model.depth=4")
+        key, _, text = item[len("--config."):].partition("=")
+        *parents, leaf = key.split(".")
+        node = config_dict
+        for i, part in enumerate(parents):
+            if part not in node:
+                raise ConfigError(f"unknown config key '{'.'.join(parents[: i + 1])}'")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"unknown config key '{key}'")
+        value = parse_value(text)
+        old = node[leaf]
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if old is not None and type(old) is not type(value):
+            raise ConfigError(f"config key '{key}': expected {type(old).__name__}, got {text!r}")
+        node[leaf] = value
+    return config_dict
+
+
+def cmd_train(args, overrides: list[str]) -> None:
+    from dit_jax import config as config_lib
+    from dit_jax.train import loop
+
+    cfg = config_lib.from_dict(apply_overrides(load_config_file(args.config), overrides))
+    loop.train(cfg, args.workdir)
+
+
+def cmd_sample(args, overrides: list[str]) -> None:
+    from dit_jax import grids, sampling
+    from dit_jax.parallel import mesh as mesh_lib
+    from dit_jax.train import loop
+
+    from dit_jax.config import ConfigError
+
+    if overrides:
+        raise ConfigError(f"unrecognised arguments: {' '.join(overrides)}; see `dit-jax sample --help`")
+    cfg = loop.load_config(args.workdir)
+    sampler = sampling.with_overrides(cfg.sampler, kind=args.sampler, num_steps=args.num_steps,
+                                      cfg_scale=args.cfg_scale)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    trainer = loop.Trainer(cfg, args.workdir, mesh)
+    step, state, _ = trainer.checkpointer.restore(trainer.abstract_state())
+    labels = sampling.balanced_labels(args.num_samples, cfg.model.num_classes)
+    images = sampling.generate(cfg, trainer.spec, state.ema, labels, mesh=mesh, seed=args.seed,
+                               batch_size=args.batch_size, sampler=sampler)
+    trainer.checkpointer.close()
+    sampling.save_npz(args.output, images, labels)
+    if args.grid:
+        grids.save_grid_png(args.grid, images, labels, cfg.model.num_classes, cfg.grid_samples_per_class)
+    print(f"wrote {len(images)} samples from step {step} to {args.output}"
+          + (f" and a grid to {args.grid}" if args.grid else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dit-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train or resume a model")
+    train.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
+    train.add_argument("--workdir", required=True)
+    sample = sub.add_parser("sample", help="sample from the EMA weights of the latest checkpoint")
+    sample.add_argument("--workdir", required=True)
+    sample.add_argument("--num_samples", type=int, required=True)
+    sample.add_argument("--output", required=True, help="FILE.npz (ADM convention)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--cfg_scale", type=float)
+    sample.add_argument("--num_steps", type=int)
+    sample.add_argument("--sampler", choices=["euler", "heun", "ddpm", "ddim"])
+    sample.add_argument("--batch_size", type=int, default=256)
+    sample.add_argument("--grid", help="also write a labelled PNG grid here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args, overrides = build_parser().parse_known_args(argv)
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    from dit_jax.config import ConfigError
+    from dit_jax.data import DataError
+    from dit_jax.train.checkpoint import CheckpointError
+    from dit_jax.train.loop import NonFiniteLoss
+
+    user_errors = (ConfigError, DataError, CheckpointError, NonFiniteLoss, FileNotFoundError)
+    try:
+        {"train": cmd_train, "sample": cmd_sample}[args.command](args, overrides)
+    except user_errors as e:
+        print(f"dit-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dit-jax {args.command}: interrupted; the last completed checkpoint is kept", file=sys.stderr)
+        return 130
+    return 0

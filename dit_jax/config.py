@@ -1,0 +1,303 @@
+"""Typed, validated experiment configuration.
+
+Configs are written as `ml_collections.ConfigDict` (see configs/) and converted once, at the edge,
+into the frozen dataclasses below. Library code only ever sees these dataclasses. Every validation
+error is a `ConfigError` whose message names the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+# DiT variant table (Peebles & Xie, Table 1): name -> (depth, hidden_size, num_heads).
+DIT_VARIANTS = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+PATCH_SIZES = (2, 4, 8)
+
+
+def dit_variant(name: str) -> dict:
+    """Model fields of a published DiT variant, e.g. "XL/2" -> depth 28, width 1152, 16 heads, patch 2."""
+    size, _, patch = name.partition("/")
+    if size not in DIT_VARIANTS or not patch.isdigit() or int(patch) not in PATCH_SIZES:
+        known = ", ".join(f"{s}/{p}" for s in DIT_VARIANTS for p in PATCH_SIZES)
+        raise ConfigError(f"config key 'model.variant': unknown variant {name!r}; expected one of {known}")
+    depth, hidden, heads = DIT_VARIANTS[size]
+    return dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch))
+
+
+class ConfigError(ValueError):
+    """A user error in the experiment configuration; the message names the key."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _check_choice(value: Any, key: str, choices: tuple) -> None:
+    _check(value in choices, key, f"got {value!r}, expected one of {', '.join(map(repr, choices))}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """DiT backbone (Peebles & Xie). `dit_variant("XL/2")` gives the published sizes."""
+
+    image_size: int = 32
+    in_channels: int = 4
+    patch_size: int = 2
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout: float = 0.1
+    learn_sigma: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        for key in ("image_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
+            _check(getattr(self, key) > 0, f"model.{key}", "must be positive")
+        _check(
+            self.image_size % self.patch_size == 0,
+            "model.patch_size",
+            f"patch size {self.patch_size} does not divide image size {self.image_size}; "
+            "choose a patch size that divides it",
+        )
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            "model.num_heads",
+            f"{self.num_heads} heads do not divide hidden size {self.hidden_size}",
+        )
+        _check(self.num_classes >= 0, "model.num_classes", "must be >= 0 (0 = unconditional)")
+        _check(0.0 <= self.class_dropout < 1.0, "model.class_dropout", "must be in [0, 1)")
+        _check_choice(self.dtype, "model.dtype", DTYPES)
+        _check_choice(self.param_dtype, "model.param_dtype", DTYPES)
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Attention:
+    """Attention implementation (see pallas_kernels.attention)."""
+
+    impl: str = "auto"
+
+    def __post_init__(self):
+        _check_choice(self.impl, "attention.impl", ("auto", "xla", "chunked", "cudnn", "pallas"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """Training objective.
+
+    kind="flow": rectified flow, x_t = (1 - t) x0 + t eps, target v = eps - x0, t in [0, 1]
+      (t = 0 is data). `t_sampling` "uniform" or "logit_normal" (SD3), then the SD3 shift
+      t' = shift t / (1 + (shift - 1) t).
+    kind="ddpm": epsilon prediction with DiT's linear beta schedule over `num_timesteps` steps;
+      with model.learn_sigma the variational bound term of ADM's hybrid loss is added.
+    """
+
+    kind: str = "flow"
+    t_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def __post_init__(self):
+        _check_choice(self.kind, "objective.kind", ("flow", "ddpm"))
+        _check_choice(self.t_sampling, "objective.t_sampling", ("uniform", "logit_normal"))
+        _check(self.shift > 0, "objective.shift", "must be positive")
+        _check(self.logit_std > 0, "objective.logit_std", "must be positive")
+        _check(self.num_timesteps > 1, "objective.num_timesteps", "must be > 1")
+        _check(0 < self.beta_start < self.beta_end < 1, "objective.beta_start",
+               "need 0 < beta_start < beta_end < 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """Sampling. `kind`: euler / heun (flow), ddpm / ddim (ddpm objective).
+
+    `cfg_scale` 1.0 disables classifier-free guidance. Guidance applies only while the
+    noise level t (fraction of the way from data to noise, in [0, 1]) lies in
+    [guidance_low, guidance_high].
+    """
+
+    kind: str = "euler"
+    num_steps: int = 50
+    cfg_scale: float = 1.0
+    guidance_low: float = 0.0
+    guidance_high: float = 1.0
+    ddim_eta: float = 0.0
+
+    def __post_init__(self):
+        _check_choice(self.kind, "sampler.kind", ("euler", "heun", "ddpm", "ddim"))
+        _check(self.num_steps > 0, "sampler.num_steps", "must be positive")
+        _check(self.cfg_scale >= 0, "sampler.cfg_scale", "must be >= 0")
+        _check(0 <= self.guidance_low <= self.guidance_high <= 1, "sampler.guidance_low",
+               "need 0 <= guidance_low <= guidance_high <= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mesh:
+    """Device mesh. -1 on one axis means "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: str = "fsdp"
+
+    def __post_init__(self):
+        sizes = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor}
+        for key, value in sizes.items():
+            _check(value == -1 or value >= 1, key, f"got {value}; use a positive size or -1")
+        _check(list(sizes.values()).count(-1) <= 1, "mesh.data", "at most one mesh axis may be -1")
+        _check_choice(self.rules, "mesh.rules", ("ddp", "fsdp", "fsdp_tp"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", "must be positive")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check_choice(self.schedule, "optim.schedule", ("constant", "cosine"))
+        _check(0 <= self.ema_decay < 1, "optim.ema_decay", "must be in [0, 1)")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """Training data.
+
+    source: "digits" (scikit-learn handwritten digits, TFDS/ArrayRecord), "image_folder"
+    (`path` = folder of class sub-folders), or "synthetic" (random, same element spec).
+    Elements are {"x": float32 [H, W, C] in [-1, 1], "y": int32}.
+    """
+
+    source: str = "synthetic"
+    path: str = ""
+    data_dir: str = ""
+    image_size: int = 32
+    channels: int = 4
+    num_classes: int = 1000
+    num_workers: int = 0
+    hflip: bool = False
+
+    def __post_init__(self):
+        _check_choice(self.source, "data.source", ("digits", "image_folder", "synthetic"))
+        _check(self.source != "image_folder" or bool(self.path), "data.path",
+               "data.source='image_folder' needs data.path, a folder with one sub-folder per class")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Eval:
+    num_samples: int = 500
+
+    def __post_init__(self):
+        _check(self.num_samples > 0, "eval.num_samples", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    total_steps: int = 1000
+    batch_size: int = 64
+    log_every: int = 10
+    checkpoint_every: int = 500
+    sample_every: int = 0
+    eval_every: int = 0
+    keep_checkpoints: int = 3
+    grid_samples_per_class: int = 8
+    stop_on_nonfinite: bool = True
+    model: Model = Model()
+    attention: Attention = Attention()
+    objective: Objective = Objective()
+    sampler: Sampler = Sampler()
+    mesh: Mesh = Mesh()
+    optim: Optim = Optim()
+    data: Data = Data()
+    eval: Eval = Eval()
+
+    def __post_init__(self):
+        _check(self.total_steps > 0, "total_steps", "must be positive")
+        _check(self.batch_size > 0, "batch_size", "must be positive")
+        for key in ("log_every", "checkpoint_every", "sample_every", "eval_every"):
+            _check(getattr(self, key) >= 0, key, "must be >= 0 (0 disables)")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        _check(
+            self.sampler.kind in (("euler", "heun") if self.objective.kind == "flow" else ("ddpm", "ddim")),
+            "sampler.kind",
+            f"sampler {self.sampler.kind!r} does not fit objective {self.objective.kind!r}; "
+            "use euler/heun for flow and ddpm/ddim for ddpm",
+        )
+        m, d = self.model, self.data
+        for key in ("image_size", "num_classes"):
+            _check(getattr(m, key) == getattr(d, key), f"data.{key}",
+                   f"data.{key}={getattr(d, key)} but model.{key}={getattr(m, key)}; make them agree")
+        _check(m.in_channels == d.channels, "data.channels",
+               f"data.channels={d.channels} but model.in_channels={m.in_channels}; make them agree")
+
+
+def _build(cls: type, values: Any, prefix: str):
+    """Builds dataclass `cls` from a mapping, naming unknown keys and wrong types."""
+    if dataclasses.is_dataclass(values):
+        return values
+    if not hasattr(values, "items"):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}': expected a group of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = prefix + key
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{name}'; known keys here: {', '.join(sorted(fields))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, name + ".")
+            continue
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ConfigError(f"config key '{name}': expected {hint.__name__}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def from_dict(values: Any) -> Config:
+    """Converts a ConfigDict / nested dict into a validated `Config`."""
+    if hasattr(values, "to_dict"):
+        values = values.to_dict()
+    return _build(Config, values, "")
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,191 @@
+"""Random-access sources: {"x": float32 [H, W, C] in [-1, 1], "y": int32} for every `data.source`.
+
+TFDS data sets (digits, image folder) are prepared on first use into `data.data_dir` (default
+~/.cache/dit_jax/datasets) and read back from ArrayRecord files without TensorFlow. Their uint8
+pixels are scaled to [-1, 1] and, where `data.image_size` differs from the stored size, resized
+(bilinear, per channel in float32, antialiased when shrinking).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from grain.experimental import ShapeDtypeStruct
+from PIL import Image
+
+from dit_jax import config
+from dit_jax.data import digits, image_folder, synthetic
+from dit_jax.data.errors import DataError
+
+DEFAULT_DATA_DIR = os.path.join("~", ".cache", "dit_jax", "datasets")
+_LOAD_CHUNK = 1024
+
+
+class TfdsImageSource:
+    """Wraps a prepared TFDS builder's split; pickles as (builder, split) and reopens lazily."""
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, split: str, image_size: int):
+        self.builder = builder
+        self.split = split
+        self.image_size = image_size
+        stored = builder.info.features["image"].shape
+        self.stored_size, self.channels = stored[0], stored[2]
+        self.num_classes = builder.info.features["label"].num_classes
+        self._length = builder.info.splits[split].num_examples
+        self._records = None
+
+    @property
+    def element_spec(self) -> dict[str, ShapeDtypeStruct]:
+        shape = (self.image_size, self.image_size, self.channels)
+        return {"x": ShapeDtypeStruct(shape, np.float32), "y": ShapeDtypeStruct((), np.int32)}
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __repr__(self) -> str:
+        return f"TfdsImageSource({self.builder.info.full_name}, split={self.split!r}, size={self.image_size})"
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_records": None}
+
+    def _open(self):
+        if self._records is None:
+            self._records = self.builder.as_data_source(split=self.split)
+        return self._records
+
+    def check_readable(self) -> None:
+        """Reads one record; raises DataError when the prepared files are missing or corrupt."""
+        try:
+            if self._length:
+                self._open()[0]
+        except (OSError, RuntimeError, ValueError) as err:
+            folder = self.builder.data_dir
+            raise DataError(
+                f"the prepared data set at {folder!r} is missing or corrupt ({err}); "
+                "delete that folder and run again to prepare it afresh"
+            ) from err
+
+    def _convert(self, record: dict) -> dict[str, np.ndarray]:
+        x = np.asarray(record["image"], dtype=np.float32) * (2.0 / 255.0) - 1.0
+        if self.image_size != self.stored_size:
+            x = resize_bilinear(x, self.image_size)
+        return {"x": x, "y": np.int32(record["label"])}
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self._convert(self._open()[int(index)])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        return [self._convert(r) for r in self._open().__getitems__([int(i) for i in indices])]
+
+
+def resize_bilinear(x: np.ndarray, size: int) -> np.ndarray:
+    """Resizes float32 [H, W, C] to [size, size, C] with PIL's bilinear filter, channel by channel."""
+    channels = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(x[..., c]), mode="F").resize(
+                (size, size), Image.Resampling.BILINEAR
+            )
+        )
+        for c in range(x.shape[-1])
+    ]
+    return np.clip(np.stack(channels, axis=-1), -1.0, 1.0).astype(np.float32)
+
+
+def data_dir(cfg: config.Data) -> str:
+    """Where TFDS data sets are prepared: `data.data_dir`, or ~/.cache/dit_jax/datasets."""
+    return os.path.abspath(os.path.expanduser(cfg.data_dir or DEFAULT_DATA_DIR))
+
+
+def _builder(cfg: config.Data) -> tfds.core.DatasetBuilder:
+    if cfg.source == "digits":
+        return digits.Digits(data_dir=data_dir(cfg))
+    if cfg.source == "image_folder":
+        folder = image_folder.ImageFolderConfig.create(cfg.path, cfg.image_size, cfg.channels)
+        return image_folder.ImageFolder(config=folder, data_dir=data_dir(cfg))
+    raise DataError(f"data.source={cfg.source!r} is not a TFDS data set")
+
+
+def prepare(cfg: config.Data) -> tfds.core.DatasetBuilder:
+    """The data set's builder, prepared into `data_dir(cfg)` on first use (a no-op afterwards)."""
+    builder = _builder(cfg)
+    if builder.is_prepared():
+        return builder
+    try:
+        os.makedirs(builder.data_dir_root, exist_ok=True)
+    except OSError as err:
+        raise DataError(
+            f"data.data_dir: cannot create {builder.data_dir_root!r} ({err}); "
+            "set data.data_dir to a writable folder"
+        ) from err
+    try:
+        builder.download_and_prepare(file_format="array_record")
+    except DataError:
+        raise
+    except Exception:
+        # Another process may have prepared the same data set concurrently; that is fine.
+        builder = _builder(cfg)
+        if not builder.is_prepared():
+            raise
+    return builder
+
+
+def _check_split(cfg: config.Data, split: str, available: Sequence[str]) -> None:
+    if split not in available:
+        raise DataError(
+            f"split {split!r} does not exist for data.source={cfg.source!r}; "
+            f"available splits: {', '.join(sorted(available))}"
+        )
+
+
+def _check_matches(cfg: config.Data, source: TfdsImageSource) -> None:
+    name = "digits" if cfg.source == "digits" else f"image folder {cfg.path!r}"
+    if cfg.channels != source.channels:
+        plural = "channel" if source.channels == 1 else "channels"
+        raise DataError(
+            f"data.channels={cfg.channels} but the {name} data set has {source.channels} {plural}; "
+            f"set data.channels (and model.in_channels) to {source.channels}"
+        )
+    if cfg.num_classes not in (0, source.num_classes):
+        raise DataError(
+            f"data.num_classes={cfg.num_classes} but the {name} data set has {source.num_classes} "
+            "classes; set data.num_classes (and model.num_classes) to match, or 0 for unconditional"
+        )
+
+
+def make_source(cfg: config.Data, split: str = "train") -> TfdsImageSource | synthetic.SyntheticSource:
+    """Random-access source (len, [i], element_spec) of `split`, preparing TFDS data on first use."""
+    if cfg.image_size <= 0:
+        raise DataError(f"data.image_size={cfg.image_size} must be positive")
+    if cfg.source == "synthetic":
+        _check_split(cfg, split, list(synthetic.SPLIT_LENGTHS))
+        return synthetic.SyntheticSource(
+            image_size=cfg.image_size, channels=cfg.channels, num_classes=cfg.num_classes, split=split
+        )
+    builder = prepare(cfg)
+    _check_split(cfg, split, list(builder.info.splits))
+    source = TfdsImageSource(builder, split, cfg.image_size)
+    _check_matches(cfg, source)
+    source.check_readable()
+    return source
+
+
+def num_examples(cfg: config.Data, split: str = "train") -> int:
+    """Number of examples in `split` (prepares TFDS data on first use)."""
+    return len(make_source(cfg, split))
+
+
+def load_split_arrays(cfg: config.Data, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """A whole split in memory: images float32 [N, H, W, C] in [-1, 1] and int32 labels [N]."""
+    source = make_source(cfg, split)
+    spec = source.element_spec
+    images = np.empty((len(source), *spec["x"].shape), np.float32)
+    labels = np.empty((len(source),), np.int32)
+    for start in range(0, len(source), _LOAD_CHUNK):
+        stop = min(start + _LOAD_CHUNK, len(source))
+        for offset, element in enumerate(source.__getitems__(range(start, stop))):
+            images[start + offset] = element["x"]
+            labels[start + offset] = element["y"]
+    return images, labels

@@ -1,0 +1,149 @@
+"""DiT building blocks: embedders, adaLN modulation, MLP, fixed position embeddings.
+
+Every parameter carries `logical_axes` metadata (see dit_jax.parallel.rules). `dtype` is the
+compute dtype, `param_dtype` the storage dtype. Norms, sinusoids and the adaLN conditioning path
+that feeds them run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+xavier_uniform = nnx.initializers.xavier_uniform()
+normal_002 = nnx.initializers.normal(stddev=0.02)
+zeros = nnx.initializers.zeros_init()
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    rngs: nnx.Rngs,
+    dtype,
+    param_dtype,
+    kernel_init=xavier_uniform,
+) -> nnx.Linear:
+    """A Linear layer whose kernel and bias carry logical axis names."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=kernel_init,
+        bias_init=zeros,
+        kernel_metadata={"logical_axes": axes},
+        bias_metadata={"logical_axes": (axes[1],)},
+        rngs=rngs,
+    )
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without affine parameters, statistics in float32, result in x.dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x_BLD: jax.Array, shift_BD: jax.Array, scale_BD: jax.Array) -> jax.Array:
+    return x_BLD * (1 + scale_BD[:, None, :]) + shift_BD[:, None, :]
+
+
+def timestep_sinusoids(t_B: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+    """DiT/ADM timestep features [cos, sin] in float32 (t may be fractional)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t_B.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
+    """DiT's fixed 2-D sin-cos position table [grid_size**2, dim] (float64 on host, as in MAE/DiT).
+
+    As in the reference, the first half of the channels encodes the column index and the second
+    half the row index; tokens are in row-major order.
+    """
+
+    def one_axis(d: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10_000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    cols, rows = np.meshgrid(np.arange(grid_size), np.arange(grid_size))
+    return np.concatenate([one_axis(dim // 2, cols), one_axis(dim // 2, rows)], axis=1)
+
+
+class TimestepEmbedder(nnx.Module):
+    """Sinusoidal features of t (float32) followed by a two-layer SiLU MLP."""
+
+    def __init__(self, hidden: int, *, rngs: nnx.Rngs, dtype, param_dtype, freq_dim: int = 256):
+        self.freq_dim = freq_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, kernel_init=normal_002)
+        self.fc1 = dense(freq_dim, hidden, (None, "embed"), **kw)
+        self.fc2 = dense(hidden, hidden, ("embed", "embed_out"), **kw)
+
+    def __call__(self, t_B: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.silu(self.fc1(timestep_sinusoids(t_B, self.freq_dim))))
+
+
+class LabelEmbedder(nnx.Module):
+    """Class embeddings with one extra "null" class (index num_classes) for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden: int, dropout: float, *, rngs: nnx.Rngs, param_dtype):
+        self.num_classes = num_classes
+        self.dropout = dropout
+        self.table = nnx.Param(
+            normal_002(rngs.params(), (num_classes + 1, hidden), param_dtype),
+            logical_axes=("classes", "embed"),
+        )
+
+    def __call__(self, y_B: jax.Array, drop_key: jax.Array | None = None) -> jax.Array:
+        """`drop_key` given: each label is replaced by the null class with probability `dropout`."""
+        if drop_key is not None and self.dropout > 0:
+            drop = jax.random.uniform(drop_key, y_B.shape) < self.dropout
+            y_B = jnp.where(drop, self.num_classes, y_B)
+        return jnp.take(self.table.value, y_B, axis=0)
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping p×p patches -> linear projection (equivalent to DiT's strided conv)."""
+
+    def __init__(self, patch: int, channels: int, hidden: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.patch = patch
+        self.proj = dense(patch * patch * channels, hidden, ("patch", "embed"), rngs=rngs, dtype=dtype,
+                          param_dtype=param_dtype)
+
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        b, h, w, c = x_BHWC.shape
+        p = self.patch
+        x = x_BHWC.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        # Feature order (p, q, c) per patch: the conv weight [D, C, p, q] maps to kernel [(p q c), D].
+        return self.proj(x.reshape(b, (h // p) * (w // p), p * p * c))
+
+
+def unpatchify(x_BLF: jax.Array, patch: int, channels: int, grid: int) -> jax.Array:
+    """[B, grid*grid, p*p*C] -> [B, grid*p, grid*p, C] (DiT's (p, q, c) feature order)."""
+    b = x_BLF.shape[0]
+    x = x_BLF.reshape(b, grid, grid, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, grid * patch, grid * patch, channels)
+
+
+class Mlp(nnx.Module):
+    """fc1 -> GELU (tanh approximation, as DiT) -> fc2."""
+
+    def __init__(self, hidden: int, mlp_hidden: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc1 = dense(hidden, mlp_hidden, ("embed", "mlp"), **kw)
+        self.fc2 = dense(mlp_hidden, hidden, ("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))

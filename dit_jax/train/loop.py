@@ -1,0 +1,187 @@
+"""The training loop: data -> step -> metrics -> checkpoint -> sample grids.
+
+Resume order: if `workdir/checkpoints` holds a checkpoint, the train state and the data
+iterator are restored from the newest readable one and training continues from its step; the
+random stream is `fold_in(seed, step)`, so a resumed run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from dit_jax import config as config_lib
+from dit_jax import data as data_lib
+from dit_jax import grids, sampling
+from dit_jax.parallel import mesh as mesh_lib
+from dit_jax.train import state as state_lib
+from dit_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from dit_jax.train.metrics import MetricsWriter, Progress
+from dit_jax.train.step import global_batch, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+
+
+def write_config(workdir: str, cfg: config_lib.Config) -> None:
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    new = config_lib.to_dict(cfg)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != new:
+            log.warning("config differs from %s; resuming with the new config", path)
+    with open(path, "w") as f:
+        json.dump(new, f, indent=2, sort_keys=True)
+
+
+def load_config(workdir: str) -> config_lib.Config:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found; is {workdir} a dit-jax training workdir?")
+    with open(path) as f:
+        return config_lib.from_dict(json.load(f))
+
+
+def count_params(tree: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+class Trainer:
+    """Everything derived from (config, mesh) once: model spec, optimizer, shardings, jitted step."""
+
+    def __init__(self, cfg: config_lib.Config, workdir: str, mesh: jax.sharding.Mesh | None = None):
+        self.cfg = cfg
+        self.workdir = workdir
+        self.mesh = mesh or mesh_lib.make_mesh(cfg.mesh)
+        mesh_lib.check_batch(cfg.batch_size, self.mesh)
+        self.spec = state_lib.model_spec(cfg)
+        self.tx = state_lib.optimizer(cfg)
+        self.shardings = state_lib.state_shardings(cfg, self.spec, self.tx, self.mesh)
+        self.step_fn = make_train_step(cfg, self.spec, self.tx, self.mesh, self.shardings)
+        self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+
+    def abstract_state(self) -> state_lib.TrainState:
+        return abstract_with_shardings(state_lib.abstract_state(self.cfg, self.spec, self.tx), self.shardings)
+
+    def restore_or_init(self, data_iter) -> state_lib.TrainState:
+        if self.checkpointer.latest_step() is None:
+            return state_lib.init_state(self.cfg, self.spec, self.tx, self.shardings)
+        step, state, data_state = self.checkpointer.restore(self.abstract_state())
+        if data_iter is not None and data_state:
+            data_iter.set_state(data_state)
+        log.info("resumed from step %d in %s", step, self.checkpointer.directory)
+        return state
+
+    def save(self, state: state_lib.TrainState, data_iter) -> None:
+        step = int(jax.device_get(state.step))
+        self.checkpointer.save(step, state, data_iter.get_state(), config_lib.to_dict(self.cfg))
+
+    def sample_grid(self, state: state_lib.TrainState, step: int, writer: MetricsWriter) -> None:
+        m = self.cfg.model
+        per_class = self.cfg.grid_samples_per_class
+        labels = sampling.balanced_labels(max(m.num_classes, 1) * per_class, m.num_classes)
+        images = sampling.generate(self.cfg, self.spec, state.ema, labels, mesh=self.mesh,
+                                   seed=self.cfg.seed, progress=False)
+        if jax.process_index() == 0:
+            os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
+            path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
+            grid = grids.save_grid_png(path, images, labels, m.num_classes, per_class)
+            writer.write_image(step, "samples", grid)
+
+
+def train(cfg: config_lib.Config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> state_lib.TrainState:
+    """Trains (or resumes) until cfg.total_steps; returns the final state."""
+    trainer = Trainer(cfg, workdir, mesh)
+    write_config(workdir, cfg)
+    data_iter = data_lib.make_iterator(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed)
+    state = trainer.restore_or_init(data_iter)
+    start = int(jax.device_get(state.step))
+    writer = MetricsWriter(workdir)
+    try:
+        if start >= cfg.total_steps:
+            log.info("already trained to step %d (total_steps=%d)", start, cfg.total_steps)
+            return state
+        with jax.set_mesh(trainer.mesh):
+            state = _run(trainer, state, data_iter, start, writer)
+    finally:
+        trainer.checkpointer.close()
+        writer.close()
+    return state
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+def _run(trainer: Trainer, state, data_iter, start: int, writer: MetricsWriter):
+    cfg, mesh = trainer.cfg, trainer.mesh
+    first = global_batch(next(data_iter), mesh)
+    t0 = time.perf_counter()
+    compiled = trainer.step_fn.lower(state, first).compile()
+    compile_s = time.perf_counter() - t0
+    if start == 0:
+        writer.write(0, {
+            "num_devices": jax.device_count(),
+            "num_processes": jax.process_count(),
+            "mesh": dict(mesh.shape),
+            "num_params": count_params(state.params),
+            "compile_s": compile_s,
+        })
+    progress = Progress(start, cfg.total_steps)
+    pending: list[tuple[int, dict]] = []
+    window = {"t": time.perf_counter(), "steps": 0}
+
+    def drain() -> None:
+        """Fetches metrics of dispatched steps: checks them, logs them, updates the bar."""
+        for step, metrics in pending:
+            m = jax.device_get(metrics)
+            if m["nonfinite"]:
+                last = trainer.checkpointer.latest_step()
+                raise NonFiniteLoss(
+                    f"loss became non-finite ({float(m['loss'])}) at step {step}; stopped without "
+                    f"saving it (last good checkpoint: {'none' if last is None else f'step {last}'}). "
+                    "Lower optim.lr, enable optim.grad_clip, or use float32."
+                )
+            window["steps"] += 1
+            elapsed = time.perf_counter() - window["t"]
+            img_per_s = window["steps"] * cfg.batch_size / max(elapsed, 1e-9)
+            progress.update(step, loss=float(m["loss"]), img_per_s=img_per_s)
+            if _every(step, cfg.log_every) or step == cfg.total_steps:
+                writer.write(step, {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
+                                    "img_per_s": img_per_s})
+                window.update(t=time.perf_counter(), steps=0)
+        pending.clear()
+
+    batch = first
+    try:
+        for step in range(start + 1, cfg.total_steps + 1):
+            if batch is None:
+                batch = global_batch(next(data_iter), mesh)
+            state, metrics = compiled(state, batch)
+            batch = None
+            drain()  # the previous step's metrics: fetched while this step runs
+            pending.append((step, metrics))
+            last = step == cfg.total_steps
+            if last or _every(step, cfg.checkpoint_every) or _every(step, cfg.sample_every):
+                drain()
+            if last or _every(step, cfg.checkpoint_every):
+                trainer.save(state, data_iter)
+            if _every(step, cfg.sample_every):
+                trainer.sample_grid(state, step, writer)
+        drain()
+    finally:
+        progress.close()
+    return state

@@ -1,0 +1,83 @@
+"""The pure train step and the one jit factory that shards and donates it."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dit_jax import config as config_lib
+from dit_jax.diffusion import make_objective
+from dit_jax.parallel import mesh as mesh_lib
+from dit_jax.train.state import ModelSpec, TrainState, apply_model, learning_rate
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    cfg: config_lib.Config,
+    spec: ModelSpec,
+    tx: optax.GradientTransformation,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update. Randomness is `fold_in(seed, step)`, so resuming needs no RNG state.
+
+    A non-finite loss or gradient leaves the state unchanged and reports `nonfinite=1`; the loop
+    stops on it, so a bad step never reaches a checkpoint.
+    """
+    objective = make_objective(cfg.objective, cfg.model.learn_sigma)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
+    noise_key, drop_key = jax.random.split(key)
+    x0 = batch["x"]
+
+    def loss_fn(params):
+        x_t, t, target = objective.sample(noise_key, x0)
+        out = apply_model(spec.graphdef, params, x_t, objective.model_time(t), batch["y"], drop_key=drop_key)
+        return jnp.mean(objective.loss(out, x0, x_t, t, target))
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = cfg.optim.ema_decay
+    ema = jax.tree.map(lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype), state.ema, params)
+    new = TrainState(state.step + 1, params, ema, opt_state)
+
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": learning_rate(cfg.optim, cfg.total_steps)(state.step),
+        "nonfinite": (~finite).astype(jnp.int32),
+    }
+    return new, metrics
+
+
+def make_train_step(
+    cfg: config_lib.Config,
+    spec: ModelSpec,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    state_shardings: TrainState,
+):
+    """jit(train_step) with state sharded per the rules preset, the batch split over the
+    data-parallel axes, metrics replicated, and the input state donated."""
+    step = functools.partial(train_step, cfg=cfg, spec=spec, tx=tx)
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def global_batch(local_batch: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Assembles process-local numpy batches into one global array per key, split over the
+    data-parallel axes (each process contributes its own rows)."""
+    sharding = mesh_lib.batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
