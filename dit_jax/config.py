@@ -259,6 +259,9 @@ class Config:
             f"sampler {self.sampler.kind!r} does not fit objective {self.objective.kind!r}; "
             "use euler/heun for flow and ddpm/ddim for ddpm",
         )
+        if self.objective.kind == "ddpm":
+            _check(self.sampler.num_steps <= self.objective.num_timesteps, "sampler.num_steps",
+                   f"{self.sampler.num_steps} steps exceed the {self.objective.num_timesteps} training timesteps")
         m, d = self.model, self.data
         for key in ("image_size", "num_classes"):
             _check(getattr(m, key) == getattr(d, key), f"data.{key}",

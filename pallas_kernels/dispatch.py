@@ -1,12 +1,116 @@
-"""Chooses an attention implementation."""
+"""The entry point: validates inputs, resolves the mask and picks an implementation.
+
+Implementations: "xla" (dense reference), "chunked" (XLA blockwise, O(seq) memory), "cudnn"
+(dense, `jax.nn.dot_product_attention`), "pallas" (the GPU or TPU kernel by backend; on CPU the GPU
+kernel in interpret mode), and "pallas_gpu" / "pallas_tpu" to force one kernel family (for tests
+in interpret mode). "auto" picks per backend and shape; an unsupported explicit request raises.
+"""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
-from pallas_kernels import reference
+from pallas_kernels import chunked, reference
+from pallas_kernels import masks as masks_lib
 
-IMPLEMENTATIONS = ("auto", "xla")
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "pallas", "pallas_gpu", "pallas_tpu")
+
+#: On CPU, "auto" uses the dense reference while B * H * Lq * Lk f32 scores stay below this size.
+DENSE_SCORE_BYTES = 64 * 2**20
+
+
+def pallas_family(backend: str | None = None) -> str:
+    """The one place that maps a backend to a Pallas kernel family ("gpu" or "tpu")."""
+    backend = backend or jax.default_backend()
+    return "tpu" if backend == "tpu" else "gpu"
+
+
+def _validate(q, k, v) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"attention expects q, k, v as [batch, seq, heads, head_dim]; got shapes {q.shape}, {k.shape}, {v.shape}"
+        )
+    if not (q.shape[0] == k.shape[0] == v.shape[0]) or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"q, k, v disagree on batch / kv seq / kv heads: {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k need the same head_dim, got {q.shape[3]} and {k.shape[3]}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating-point array, got {x.dtype}")
+
+
+def choose(q_shape, k_shape, dtype, mask: masks_lib.Mask, has_segments: bool, backend: str) -> str:
+    """The implementation "auto" resolves to."""
+    batch, seq_q, heads, _ = q_shape
+    seq_kv = k_shape[1]
+    if backend in ("gpu", "tpu"):
+        from pallas_kernels import pallas_attention
+
+        family = pallas_family(backend)
+        if backend == "gpu" and _cudnn_problem(q_shape, k_shape, dtype, mask, has_segments) is None:
+            return "cudnn"
+        if pallas_attention.unsupported(q_shape, k_shape, dtype, mask, family) is None:
+            return "pallas"
+        return "chunked"
+    if batch * heads * seq_q * seq_kv * 4 <= DENSE_SCORE_BYTES:
+        return "xla"
+    return "chunked"
+
+
+def _cudnn_problem(q_shape, k_shape, dtype, mask, has_segments) -> str | None:
+    if jax.default_backend() != "gpu":
+        return f"implementation='cudnn' needs a CUDA GPU, but the backend is {jax.default_backend()!r}"
+    if not isinstance(mask, masks_lib.Full) or has_segments:
+        return "implementation='cudnn' supports dense attention only; use 'pallas' or 'chunked' for masks"
+    if dtype not in (jnp.bfloat16, jnp.float16):
+        return f"implementation='cudnn' needs bfloat16 or float16 inputs, got {dtype}"
+    if q_shape[-1] % 8 or q_shape[-1] > 256:
+        return f"implementation='cudnn' needs head_dim a multiple of 8 and <= 256, got {q_shape[-1]}"
+    return None
+
+
+def attention_with_lse(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask=None,
+    scale: float | None = None,
+    implementation: str = "auto",
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Like `attention`, also returning the log-sum-exp [B, H, Lq] (f32; None for "cudnn")."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown attention implementation {implementation!r}; expected one of {', '.join(IMPLEMENTATIONS)}"
+        )
+    _validate(q, k, v)
+    static, q_ids, kv_ids = masks_lib.resolve(mask, q.shape[0], q.shape[1], k.shape[1])
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    has_seg = q_ids is not None
+    if implementation == "auto":
+        implementation = choose(q.shape, k.shape, q.dtype, static, has_seg, jax.default_backend())
+    if implementation == "xla":
+        return reference.attention(q, k, v, mask=static, q_ids=q_ids, kv_ids=kv_ids, scale=scale)
+    if implementation == "chunked":
+        return chunked.attention(q, k, v, mask=static, scale=scale, q_ids=q_ids, kv_ids=kv_ids)
+    if implementation == "cudnn":
+        problem = _cudnn_problem(q.shape, k.shape, q.dtype, static, has_seg)
+        if problem is not None:
+            raise ValueError(problem)
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+        return out, None
+    from pallas_kernels import pallas_attention
+
+    family = pallas_family() if implementation == "pallas" else implementation.removeprefix("pallas_")
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    return pallas_attention.attention(
+        q, k, v, mask=static, scale=scale, q_ids=q_ids, kv_ids=kv_ids, family=family, interpret=interpret
+    )
 
 
 def attention(
@@ -19,13 +123,13 @@ def attention(
     implementation: str = "auto",
     interpret: bool | None = None,
 ) -> jax.Array:
-    """Multi-head attention, layout [batch, seq, heads, head_dim]; returns [batch, seq_q, heads, head_dim]."""
-    del interpret
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"unknown attention implementation {implementation!r}; expected one of {', '.join(IMPLEMENTATIONS)}"
-        )
-    if mask is not None:
-        raise ValueError("masks are not supported yet; pass mask=None")
-    out, _ = reference.attention(q, k, v, scale=scale)
+    """Multi-head attention, layout [batch, seq, heads, head_dim]; returns [batch, seq_q, heads, head_dim].
+
+    `mask`: None (full), a `pallas_kernels.masks` mask, `SegmentIds`, or `mask & SegmentIds(...)`.
+    `k`, `v` may have fewer heads than `q` (grouped-query attention). `scale` defaults to
+    head_dim ** -0.5. `interpret` runs Pallas kernels in interpret mode (default: on CPU).
+    """
+    out, _ = attention_with_lse(
+        q, k, v, mask=mask, scale=scale, implementation=implementation, interpret=interpret
+    )
     return out

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 
 import jax
 import numpy as np
 
-from pallas_kernels.neighborhood import Neighborhood2D, Neighborhood3D
+from pallas_kernels import neighborhood
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -111,6 +110,62 @@ class Local1D(Mask):
         nonempty = (kl >= qs - self.left) & (ks <= ql + self.right)
         full = (ks >= ql - self.left) & (kl <= qs + self.right)
         return _kinds(nonempty, full)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Neighborhood(Mask):
+    grid: tuple[int, ...]
+    window: tuple[int, ...]
+    tile: tuple[int, ...] | None = None  # tokens are tile-major (see neighborhood.permute)
+
+    def __post_init__(self):
+        name, n = type(self).__name__, self._ndim
+        grid, window = tuple(int(g) for g in self.grid), tuple(int(w) for w in self.window)
+        if len(grid) != n or len(window) != n:
+            raise ValueError(f"{name} needs {n}-D grid and window, got {grid} and {window}")
+        if any(w % 2 == 0 or w < 1 for w in window):
+            raise ValueError(f"{name} window sizes must be odd and positive, got {window}")
+        object.__setattr__(self, "grid", grid)
+        object.__setattr__(self, "window", window)
+        if self.tile is not None:
+            tile = tuple(int(t) for t in self.tile)
+            if len(tile) != n or any(g % t for g, t in zip(grid, tile, strict=True)):
+                raise ValueError(f"{name} tile {tile} must have {n} entries dividing grid {grid}")
+            object.__setattr__(self, "tile", tile)
+
+    def mask_fn(self, q_idx, kv_idx):
+        out = None
+        cq = neighborhood.coords(q_idx, self.grid, self.tile)
+        ck = neighborhood.coords(kv_idx, self.grid, self.tile)
+        for a, b, w in zip(cq, ck, self.window, strict=True):
+            term = abs(a - b) <= w // 2
+            out = term if out is None else out & term
+        return out
+
+    def classify(self, q_start, q_stop, kv_start, kv_stop):
+        return neighborhood.classify(self.grid, self.window, self.tile, q_start, q_stop, kv_start, kv_stop)
+
+    def check_shape(self, seq_q, seq_kv):
+        n = math.prod(self.grid)
+        if seq_q != n or seq_kv != n:
+            raise ValueError(
+                f"{type(self).__name__} over grid {self.grid} covers {n} tokens, "
+                f"but the sequences are ({seq_q}, {seq_kv})"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighborhood2D(_Neighborhood):
+    """Query (r, c) sees key (r', c') iff |r' - r| <= kh // 2 and |c' - c| <= kw // 2."""
+
+    _ndim = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighborhood3D(_Neighborhood):
+    """Query (t, r, c) sees key (t', r', c') iff each axis is within half its window."""
+
+    _ndim = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,7 +436,3 @@ def block_bounds(seq: int, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Starts and (clipped, exclusive) stops of the blocks covering `seq` tokens."""
     starts = np.arange(0, seq, block, dtype=np.int64)
     return starts, np.minimum(starts + block, seq)
-
-
-def _as_tuple(x: Sequence[int] | int) -> tuple[int, ...]:
-    return (int(x),) if isinstance(x, int) else tuple(int(v) for v in x)

@@ -14,6 +14,7 @@ with exactly the batches that would have followed.
 from __future__ import annotations
 
 import grain
+import jax
 import numpy as np
 from absl import flags
 
@@ -61,8 +62,6 @@ def _mark_absl_flags_parsed() -> None:
 
 def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax  # only when the caller does not say; keeps the data package free of JAX otherwise
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if process_count < 1 or not 0 <= process_index < process_count:

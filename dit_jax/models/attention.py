@@ -35,10 +35,10 @@ class SelfAttention(nnx.Module):
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         dtype = self.dtype or x_BLD.dtype
         x = x_BLD.astype(dtype)
-        qkv_BL3HK = jnp.einsum("bld,dthk->blthk", x, self.w_qkv.value.astype(dtype))
-        qkv_BL3HK = qkv_BL3HK + self.b_qkv.value.astype(dtype)
+        qkv_BL3HK = jnp.einsum("bld,dthk->blthk", x, self.w_qkv[...].astype(dtype))
+        qkv_BL3HK = qkv_BL3HK + self.b_qkv[...].astype(dtype)
         qkv_BL3HK = constrain(qkv_BL3HK, ("act_batch", "act_seq", None, "act_heads", None))
         q, k, v = (qkv_BL3HK[:, :, i] for i in range(3))
         out_BLHK = pallas_kernels.attention(q, k, v, implementation=self.impl)
-        out = jnp.einsum("blhk,hkd->bld", out_BLHK, self.w_out.value.astype(dtype))
-        return out + self.b_out.value.astype(dtype)
+        out = jnp.einsum("blhk,hkd->bld", out_BLHK, self.w_out[...].astype(dtype))
+        return out + self.b_out[...].astype(dtype)

@@ -111,7 +111,7 @@ class LabelEmbedder(nnx.Module):
         if drop_key is not None and self.dropout > 0:
             drop = jax.random.uniform(drop_key, y_B.shape) < self.dropout
             y_B = jnp.where(drop, self.num_classes, y_B)
-        return jnp.take(self.table.value, y_B, axis=0)
+        return jnp.take(self.table[...], y_B, axis=0)
 
 
 class PatchEmbed(nnx.Module):

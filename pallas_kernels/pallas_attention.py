@@ -1,0 +1,218 @@
+"""Pallas flash attention front end: block sizes, hardware checks, padding and the custom VJP.
+
+The GPU family (`pallas_gpu`, Triton lowering) and the TPU family (`pallas_tpu`, Mosaic) share
+this front end. Sequence lengths are padded to whole blocks (the plan masks padded keys) and the
+head dim to the hardware tile: 16..256 powers of two on GPU, multiples of 128 on TPU. head_dim 72
+thus pays 128/72 = 1.78x the matmul work of an unpadded kernel. Block sizes are checked against
+the hardware limits before any compilation, also in interpret mode (which does not check them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import tiles
+from pallas_kernels.masks import Mask
+from pallas_kernels.plan import BlockPlan, build_plan
+
+GPU_SMEM_BYTES = 227 * 1024  # H100 / H200: max dynamic shared memory per block
+TPU_VMEM_BYTES = 16 * 2**20  # default scoped VMEM limit (v5e); v6e allows 32 MiB
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static description of one call (hashable; custom-VJP non-differentiable argument)."""
+
+    family: str  # "gpu" or "tpu"
+    mask: Mask
+    scale: float
+    seq_q: int
+    seq_kv: int
+    head_dim: int
+    head_dim_padded: int
+    block_q: int
+    block_kv: int
+    block_q_bwd: int
+    block_kv_bwd: int
+    interpret: bool
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def plan(self, backward: bool = False) -> BlockPlan:
+        bq, bk = (self.block_q_bwd, self.block_kv_bwd) if backward else (self.block_q, self.block_kv)
+        return build_plan(self.mask, self.seq_q, self.seq_kv, bq, bk)
+
+    def tile_mask(self, plan: BlockPlan) -> tiles.TileMask:
+        return tiles.TileMask(self.mask, plan.mask_partial, self.seq_kv, plan.kv_padded)
+
+    @property
+    def padded_q(self) -> int:
+        return _round_up(self.seq_q, max(self.block_q, self.block_q_bwd))
+
+    @property
+    def padded_kv(self) -> int:
+        return _round_up(self.seq_kv, max(self.block_kv, self.block_kv_bwd))
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def default_config(family, mask, scale, seq_q, seq_kv, head_dim, dtype, interpret) -> Config:
+    """Block sizes per family (FA2-style on GPU; lane-aligned, larger tiles on TPU)."""
+    if family == "gpu":
+        dp = max(16, _next_pow2(head_dim))
+        fit_q, fit_kv = max(16, _next_pow2(seq_q)), max(16, _next_pow2(seq_kv))
+        bq, bk = min(128, fit_q), min(64 if dp > 64 else 128, fit_kv)
+        bq_b, bk_b = min(64, fit_q), min(64, fit_kv)
+        warps, stages = (4 if dp <= 64 else 8), (3 if dp <= 64 else 2)
+    elif family == "tpu":
+        dp = _round_up(head_dim, 128)
+        bq = min(512, _round_up(seq_q, 128))
+        bk = min(512, _round_up(seq_kv, 128))
+        bq_b, bk_b = min(256, bq), min(256, bk)
+        warps, stages = 4, 2
+    else:
+        raise ValueError(f"unknown Pallas kernel family {family!r}; expected 'gpu' or 'tpu'")
+    del dtype
+    return Config(family, mask, float(scale), seq_q, seq_kv, head_dim, dp, bq, bk, bq_b, bk_b,
+                  bool(interpret), warps, stages)  # fmt: skip
+
+
+def check_hardware(cfg: Config, dtype) -> None:
+    """Raises ValueError when block sizes break the target hardware's limits."""
+    item = jnp.dtype(dtype).itemsize
+    blocks = (cfg.block_q, cfg.block_kv, cfg.block_q_bwd, cfg.block_kv_bwd)
+    dp = cfg.head_dim_padded
+    if cfg.family == "gpu":
+        for b in (*blocks, dp):
+            if b < 16 or b & (b - 1):
+                raise ValueError(f"GPU (Triton) tiles need powers of two >= 16, got {b} in {blocks}, d={dp}")
+        if dp > 256:
+            raise ValueError(f"GPU kernel supports head_dim <= 256, got {cfg.head_dim}")
+        fwd = (cfg.block_q * dp + cfg.num_stages * 2 * cfg.block_kv * dp) * item
+        bwd = (2 * cfg.block_kv_bwd * dp + cfg.num_stages * 2 * cfg.block_q_bwd * dp) * item
+        if max(fwd, bwd) > GPU_SMEM_BYTES:
+            raise ValueError(
+                f"blocks {blocks} with head_dim {dp} need {max(fwd, bwd)} bytes of shared memory "
+                f"(limit {GPU_SMEM_BYTES}); use smaller blocks"
+            )
+    else:
+        if any(b % 8 for b in (cfg.block_q, cfg.block_q_bwd)) or any(
+            b % 128 for b in (cfg.block_kv, cfg.block_kv_bwd)
+        ):
+            raise ValueError(f"TPU tiles need block_q % 8 == 0 and block_kv % 128 == 0, got {blocks}")
+        if dp % 128:
+            raise ValueError(f"TPU tiles need head_dim padded to a multiple of 128, got {dp}")
+        bq, bk = max(cfg.block_q, cfg.block_q_bwd), max(cfg.block_kv, cfg.block_kv_bwd)
+        need = 2 * (2 * bq * dp + 2 * bk * dp) * item + (2 * bq * dp + 2 * bq * bk) * 4
+        if need > TPU_VMEM_BYTES:
+            raise ValueError(f"blocks {blocks} need ~{need} bytes of VMEM (limit {TPU_VMEM_BYTES})")
+
+
+def unsupported(q_shape, k_shape, dtype, mask: Mask, family: str) -> str | None:
+    """Why the Pallas kernel cannot run this case, or None."""
+    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        return f"the Pallas kernels take float32 / bfloat16 / float16, got {dtype}"
+    cfg = default_config(family, mask, 1.0, q_shape[1], k_shape[1], q_shape[3], dtype, True)
+    try:
+        check_hardware(cfg, dtype)
+    except ValueError as e:
+        return str(e)
+    if not mask.in_kernel:
+        for backward in (False, True):
+            if cfg.plan(backward).mask_partial:
+                return (
+                    f"{type(mask).__name__} cuts the kernel's tiles ({cfg.block_q}x{cfg.block_kv}) "
+                    "into partial blocks, which the Pallas kernels cannot evaluate; align its "
+                    "block_shape to multiples of the tiles or use implementation='chunked'"
+                )
+    return None
+
+
+def _family(cfg: Config):
+    if cfg.family == "gpu":
+        from pallas_kernels import pallas_gpu as module
+    else:
+        from pallas_kernels import pallas_tpu as module
+    return module
+
+
+def _pad(x: jax.Array, length: int, dim: int, value=0) -> jax.Array:
+    pads = [(0, 0)] * x.ndim
+    pads[1] = (0, length - x.shape[1])
+    if x.ndim == 4:
+        pads[3] = (0, dim - x.shape[3])
+    return jnp.pad(x, pads, constant_values=value)
+
+
+def _inputs(cfg: Config, q, k, v, q_ids, kv_ids):
+    dp = cfg.head_dim_padded
+    qp, kp, vp = _pad(q, cfg.padded_q, dp), _pad(k, cfg.padded_kv, dp), _pad(v, cfg.padded_kv, dp)
+    segs = None
+    if q_ids is not None:
+        segs = (_pad(q_ids.astype(jnp.int32), cfg.padded_q, 0, -1),
+                _pad(kv_ids.astype(jnp.int32), cfg.padded_kv, 0, -2))  # fmt: skip
+    return qp, kp, vp, segs
+
+
+def _forward(cfg: Config, q, k, v, q_ids, kv_ids):
+    qp, kp, vp, segs = _inputs(cfg, q, k, v, q_ids, kv_ids)
+    out, lse = _family(cfg).forward(cfg, qp, kp, vp, segs)
+    return out[:, : cfg.seq_q, :, : cfg.head_dim].astype(q.dtype), lse[:, :, : cfg.seq_q]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attend(q, k, v, q_ids, kv_ids, cfg: Config):
+    return _forward(cfg, q, k, v, q_ids, kv_ids)
+
+
+def _attend_fwd(q, k, v, q_ids, kv_ids, cfg):
+    out, lse = _forward(cfg, q, k, v, q_ids, kv_ids)
+    return (out, lse), (q, k, v, q_ids, kv_ids, out, lse)
+
+
+def _attend_bwd(cfg, res, cotangents):
+    q, k, v, q_ids, kv_ids, out, lse = res
+    dout, dlse = cotangents
+    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32))
+    if dlse is not None:
+        delta = delta - dlse.astype(jnp.float32)
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that see nothing get p = 0 from the mask
+    qp, kp, vp, segs = _inputs(cfg, q, k, v, q_ids, kv_ids)
+    dop = _pad(dout, cfg.padded_q, cfg.head_dim_padded)
+    lse, delta = (jnp.pad(x, ((0, 0), (0, 0), (0, cfg.padded_q - cfg.seq_q))) for x in (lse, delta))
+    dq, dk, dv = _family(cfg).backward(cfg, qp, kp, vp, segs, dop, lse, delta)
+    b, lk, h, dp = dk.shape
+    hkv = k.shape[2]
+    dk = dk.reshape(b, lk, hkv, h // hkv, dp).sum(3)  # each KV head sums its query group
+    dv = dv.reshape(b, lk, hkv, h // hkv, dp).sum(3)
+    sl_q, sl_k, d = slice(0, cfg.seq_q), slice(0, cfg.seq_kv), cfg.head_dim
+    return (dq[:, sl_q, :, :d].astype(q.dtype), dk[:, sl_k, :, :d].astype(k.dtype),
+            dv[:, sl_k, :, :d].astype(v.dtype), None, None)  # fmt: skip
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def attention(q, k, v, *, mask: Mask, scale: float, q_ids=None, kv_ids=None, family: str, interpret: bool):
+    """Flash attention with a Pallas kernel; returns (out [B, Lq, H, D], lse [B, H, Lq])."""
+    problem = unsupported(q.shape, k.shape, q.dtype, mask, family)
+    if problem is not None:
+        raise ValueError(f"implementation 'pallas_{family}' cannot run this case: {problem}")
+    if v.shape[-1] != q.shape[-1]:
+        raise ValueError("the Pallas kernels need v's head_dim equal to q's")
+    if family == "tpu" and not interpret and jax.default_backend() != "tpu":
+        raise ValueError("the TPU kernel needs a TPU backend; pass interpret=True to run it elsewhere")
+    if family == "gpu" and not interpret and jax.default_backend() != "gpu":
+        raise ValueError("the GPU kernel needs a GPU backend; pass interpret=True to run it elsewhere")
+    cfg = default_config(family, mask, scale, q.shape[1], k.shape[1], q.shape[3], q.dtype, interpret)
+    return _attend(q, k, v, q_ids, kv_ids, cfg)

@@ -1,0 +1,56 @@
+"""Config conversion and validation: every error names its key."""
+
+import ml_collections
+import pytest
+
+from dit_jax import config as config_lib
+from dit_jax.cli import apply_overrides, load_config_file
+
+
+def test_quickstart_and_dit_configs_build():
+    cfg = config_lib.from_dict(load_config_file("configs/quickstart.py"))
+    assert cfg.data.source == "digits" and cfg.model.image_size == 8
+    for variant in ("S/2", "B/4", "L/8", "XL/2"):
+        cfg = config_lib.from_dict(load_config_file(f"configs/dit.py:variant={variant}"))
+        assert cfg.model.patch_size == int(variant.split("/")[1])
+    assert config_lib.from_dict(load_config_file("configs/dit.py:variant=XL/2")).model.depth == 28
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["--config.model.patch_size=3"], "model.patch_size"),
+        (["--config.model.num_heads=5"], "model.num_heads"),
+        (["--config.model.dtype='float8'"], "model.dtype"),
+        (["--config.objective.kind='score'"], "objective.kind"),
+        (["--config.sampler.kind='ddpm'"], "sampler.kind"),
+        (["--config.data.channels=3"], "data.channels"),
+        (["--config.mesh.data=0"], "mesh.data"),
+        (["--config.attention.impl='magic'"], "attention.impl"),
+        (["--config.batch_size='big'"], "batch_size"),
+        (["--config.model.nope=1"], "model.nope"),
+    ],
+)
+def test_errors_name_the_key(overrides, key):
+    with pytest.raises(config_lib.ConfigError, match=f"'{key}'"):
+        config_lib.from_dict(apply_overrides(load_config_file("configs/quickstart.py"), overrides))
+
+
+def test_unknown_variant_and_missing_file():
+    with pytest.raises(config_lib.ConfigError, match="unknown variant 'XXL/2'"):
+        load_config_file("configs/dit.py:variant=XXL/2")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_config_file("configs/nope.py")
+
+
+def test_unknown_key_in_dict_and_type_coercion():
+    c = ml_collections.ConfigDict({"optim": {"lr": 1}, "total_steps": 5})
+    cfg = config_lib.from_dict(c)
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    with pytest.raises(config_lib.ConfigError, match="unknown config key 'optim.lrr'"):
+        config_lib.from_dict({"optim": {"lrr": 1.0}})
+
+
+def test_round_trip_through_dict():
+    cfg = config_lib.from_dict(load_config_file("configs/dit.py:variant=B/2"))
+    assert config_lib.from_dict(config_lib.to_dict(cfg)) == cfg
