@@ -33,30 +33,37 @@ def parse_value(text: str):
         return text  # a bare string such as --config.data.source=digits
 
 
-def apply_overrides(config_dict, overrides: list[str]):
-    """Applies `--config.a.b=value` overrides to a ConfigDict, naming unknown keys."""
+def _merge(base: dict, update: dict, prefix: str = "") -> dict:
     from dit_jax.config import ConfigError
 
+    out = dict(base)
+    for key, value in update.items():
+        if key not in base:
+            raise ConfigError(f"unknown config key '{prefix}{key}'; known keys here: {', '.join(sorted(base))}")
+        out[key] = _merge(base[key], value, f"{prefix}{key}.") if isinstance(base[key], dict) else value
+    return out
+
+
+def apply_overrides(config_dict, overrides: list[str]) -> dict:
+    """The config file's values over the dataclass defaults, then `--config.a.b=value` overrides.
+
+    Returns a plain nested dict with every key, ready for `config.from_dict`."""
+    from dit_jax import config as config_lib
+
+    values = config_dict.to_dict() if hasattr(config_dict, "to_dict") else dict(config_dict)
+    merged = _merge(config_lib.to_dict(config_lib.Config()), values)
     for item in overrides:
         if not item.startswith("--config.") or "=" not in item:
-            raise ConfigError(f"unrecognised argument {item!r}; overrides look like --config.model.depth=4")
+            raise config_lib.ConfigError(
+                f"unrecognised argument {item!r}; overrides look like --config.model.depth=4"
+            )
         key, _, text = item[len("--config."):].partition("=")
         *parents, leaf = key.split(".")
-        node = config_dict
-        for i, part in enumerate(parents):
-            if part not in node:
-                raise ConfigError(f"unknown config key '{'.'.join(parents[: i + 1])}'")
-            node = node[part]
-        if leaf not in node:
-            raise ConfigError(f"unknown config key '{key}'")
-        value = parse_value(text)
-        old = node[leaf]
-        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if old is not None and type(old) is not type(value):
-            raise ConfigError(f"config key '{key}': expected {type(old).__name__}, got {text!r}")
-        node[leaf] = value
-    return config_dict
+        update = {leaf: parse_value(text)}
+        for part in reversed(parents):
+            update = {part: update}
+        merged = _merge(merged, update)
+    return merged
 
 
 def cmd_train(args, overrides: list[str]) -> None:
@@ -113,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("dit_jax").setLevel(logging.INFO)
     args, overrides = build_parser().parse_known_args(argv)
     from absl import logging as absl_logging
 

@@ -248,4 +248,3 @@ def attention(q, k, v, *, mask: Mask, scale: float, q_ids=None, kv_ids=None, blo
     block_kv = block_kv or min(DEFAULT_BLOCK, _round_up(seq_kv, 8))
     st = Static(mask, float(scale), seq_q, seq_kv, int(block_q), int(block_kv))
     return _attend(q, k, v, q_ids, kv_ids, st)
-

@@ -29,7 +29,8 @@ def pallas_family(backend: str | None = None) -> str:
 def _validate(q, k, v) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
-            f"attention expects q, k, v as [batch, seq, heads, head_dim]; got shapes {q.shape}, {k.shape}, {v.shape}"
+            "attention expects q, k, v as [batch, seq, heads, head_dim]; "
+            f"got shapes {q.shape}, {k.shape}, {v.shape}"
         )
     if not (q.shape[0] == k.shape[0] == v.shape[0]) or k.shape[:3] != v.shape[:3]:
         raise ValueError(f"q, k, v disagree on batch / kv seq / kv heads: {q.shape}, {k.shape}, {v.shape}")
@@ -52,7 +53,8 @@ def choose(q_shape, k_shape, dtype, mask: masks_lib.Mask, has_segments: bool, ba
         family = pallas_family(backend)
         if backend == "gpu" and _cudnn_problem(q_shape, k_shape, dtype, mask, has_segments) is None:
             return "cudnn"
-        if pallas_attention.unsupported(q_shape, k_shape, dtype, mask, family) is None:
+        cfg = pallas_attention.default_config(family, mask, 1.0, seq_q, seq_kv, q_shape[3], dtype, False)
+        if pallas_attention.unsupported(dtype, mask, cfg) is None:
             return "pallas"
         return "chunked"
     if batch * heads * seq_q * seq_kv * 4 <= DENSE_SCORE_BYTES:
@@ -85,7 +87,8 @@ def attention_with_lse(
     """Like `attention`, also returning the log-sum-exp [B, H, Lq] (f32; None for "cudnn")."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
-            f"unknown attention implementation {implementation!r}; expected one of {', '.join(IMPLEMENTATIONS)}"
+            f"unknown attention implementation {implementation!r}; "
+            f"expected one of {', '.join(IMPLEMENTATIONS)}"
         )
     _validate(q, k, v)
     static, q_ids, kv_ids = masks_lib.resolve(mask, q.shape[0], q.shape[1], k.shape[1])

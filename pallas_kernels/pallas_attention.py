@@ -118,11 +118,10 @@ def check_hardware(cfg: Config, dtype) -> None:
             raise ValueError(f"blocks {blocks} need ~{need} bytes of VMEM (limit {TPU_VMEM_BYTES})")
 
 
-def unsupported(q_shape, k_shape, dtype, mask: Mask, family: str) -> str | None:
+def unsupported(dtype, mask: Mask, cfg: Config) -> str | None:
     """Why the Pallas kernel cannot run this case, or None."""
     if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
         return f"the Pallas kernels take float32 / bfloat16 / float16, got {dtype}"
-    cfg = default_config(family, mask, 1.0, q_shape[1], k_shape[1], q_shape[3], dtype, True)
     try:
         check_hardware(cfg, dtype)
     except ValueError as e:
@@ -203,9 +202,19 @@ def _attend_bwd(cfg, res, cotangents):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def attention(q, k, v, *, mask: Mask, scale: float, q_ids=None, kv_ids=None, family: str, interpret: bool):
-    """Flash attention with a Pallas kernel; returns (out [B, Lq, H, D], lse [B, H, Lq])."""
-    problem = unsupported(q.shape, k.shape, q.dtype, mask, family)
+def attention(
+    q, k, v, *, mask: Mask, scale: float, q_ids=None, kv_ids=None, family: str, interpret: bool, blocks=None
+):
+    """Flash attention with a Pallas kernel; returns (out [B, Lq, H, D], lse [B, H, Lq]).
+
+    `blocks` = (block_q, block_kv, block_q_bwd, block_kv_bwd) overrides the defaults.
+    """
+    cfg = default_config(family, mask, scale, q.shape[1], k.shape[1], q.shape[3], q.dtype, interpret)
+    if blocks is not None:
+        cfg = dataclasses.replace(
+            cfg, **dict(zip(("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"), blocks, strict=True))
+        )
+    problem = unsupported(q.dtype, mask, cfg)
     if problem is not None:
         raise ValueError(f"implementation 'pallas_{family}' cannot run this case: {problem}")
     if v.shape[-1] != q.shape[-1]:
@@ -214,5 +223,4 @@ def attention(q, k, v, *, mask: Mask, scale: float, q_ids=None, kv_ids=None, fam
         raise ValueError("the TPU kernel needs a TPU backend; pass interpret=True to run it elsewhere")
     if family == "gpu" and not interpret and jax.default_backend() != "gpu":
         raise ValueError("the GPU kernel needs a GPU backend; pass interpret=True to run it elsewhere")
-    cfg = default_config(family, mask, scale, q.shape[1], k.shape[1], q.shape[3], q.dtype, interpret)
     return _attend(q, k, v, q_ids, kv_ids, cfg)

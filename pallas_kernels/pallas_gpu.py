@@ -36,8 +36,14 @@ def _iota(n: int, axis: int) -> jax.Array:
 def _seg_specs(bq: int, lk: int, q_blocked: bool, bk: int):
     """Segment-id specs: the query side blocked (forward/dQ) or whole (dK/dV)."""
     if q_blocked:
-        return [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)), pl.BlockSpec((None, lk), lambda i, b, h: (b, 0))]
-    return [pl.BlockSpec((None, bq), lambda j, b, h: (b, 0)), pl.BlockSpec((None, bk), lambda j, b, h: (b, j))]
+        return [
+            pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+            pl.BlockSpec((None, lk), lambda i, b, h: (b, 0)),
+        ]
+    return [
+        pl.BlockSpec((None, bq), lambda j, b, h: (b, 0)),
+        pl.BlockSpec((None, bk), lambda j, b, h: (b, j)),
+    ]
 
 
 def _fwd_kernel(table_ref, *refs, cfg, tm, has_seg):

@@ -34,7 +34,9 @@ def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, scratch, name):
             num_scalar_prefetch=1, grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch
         ),
         out_shape=out_shape,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+        ),
         interpret=cfg.interpret,
         name=name,
     )
@@ -99,8 +101,15 @@ def forward(cfg, q, k, v, segs):
     kernel = functools.partial(
         _fwd_kernel, cfg=cfg, tm=cfg.tile_mask(plan), has_seg=segs is not None, width=width, steps=steps
     )
-    scratch = [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, dp), jnp.float32)]
-    out_shape = [jax.ShapeDtypeStruct((b, h, lq, dp), q.dtype), jax.ShapeDtypeStruct((b, h, lq, 1), jnp.float32)]
+    scratch = [
+        pltpu.VMEM((bq, 1), jnp.float32),
+        pltpu.VMEM((bq, 1), jnp.float32),
+        pltpu.VMEM((bq, dp), jnp.float32),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((b, h, lq, dp), q.dtype),
+        jax.ShapeDtypeStruct((b, h, lq, 1), jnp.float32),
+    ]
     out, lse = _call(
         kernel, cfg, (b, h, plan.num_q_blocks, steps), specs + [q_spec, kv_spec, kv_spec],
         [q_spec, lse_spec], out_shape, scratch, "flash_fwd_tpu",
@@ -187,7 +196,9 @@ def backward(cfg, q, k, v, segs, do, lse, delta):
     table = jnp.asarray(plan.rows.table().reshape(-1))
     q_blk = pl.BlockSpec((None, None, bq, dp), lambda b, h, i, t, tbl: (b, h, i, 0))
     row_blk = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, t, tbl: (b, h, i, 0))
-    kv_blk = pl.BlockSpec((None, None, bk, dp), lambda b, h, i, t, tbl: (b, h // g, tbl[i * width + 2 + t], 0))
+    kv_blk = pl.BlockSpec(
+        (None, None, bk, dp), lambda b, h, i, t, tbl: (b, h // g, tbl[i * width + 2 + t], 0)
+    )
     seg_specs = [
         pl.BlockSpec((None, bq, 1), lambda b, h, i, t, tbl: (b, i, 0)),
         pl.BlockSpec((None, 1, bk), lambda b, h, i, t, tbl: (b, 0, tbl[i * width + 2 + t])),

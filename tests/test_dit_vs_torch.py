@@ -29,14 +29,25 @@ T_B = np.array([0.0, 17.5, 999.0, 500.25], np.float32)
 Y_B = np.array([0, 3, NUM_CLASSES, 9])  # NUM_CLASSES is the null (CFG) class
 
 CONFIGS = {
-    "p2_d1_c4_sigma": dict(image_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=4,
-                           learn_sigma=True),
-    "p4_d2_c1": dict(image_size=16, patch_size=4, in_channels=1, hidden_size=48, depth=2, num_heads=3,
-                     learn_sigma=False),
-    "p2_d3_c4_sigma_img16": dict(image_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=3,
-                                 num_heads=2, learn_sigma=True),
-    "p4_d2_c1_sigma_mlp2": dict(image_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=2,
-                                num_heads=8, learn_sigma=True, mlp_ratio=2.0),
+    "p2_d1_c4_sigma": dict(
+        image_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=4, learn_sigma=True
+    ),
+    "p4_d2_c1": dict(
+        image_size=16, patch_size=4, in_channels=1, hidden_size=48, depth=2, num_heads=3, learn_sigma=False
+    ),
+    "p2_d3_c4_sigma_img16": dict(
+        image_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=2, learn_sigma=True
+    ),
+    "p4_d2_c1_sigma_mlp2": dict(
+        image_size=8,
+        patch_size=4,
+        in_channels=1,
+        hidden_size=32,
+        depth=2,
+        num_heads=8,
+        learn_sigma=True,
+        mlp_ratio=2.0,
+    ),
 }
 
 
@@ -156,7 +167,9 @@ def test_gradients_reach_zero_initialised_layers():
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((len(T_B), cfg.image_size, cfg.image_size, cfg.in_channels)), jnp.float32)
+    x = jnp.asarray(
+        rng.standard_normal((len(T_B), cfg.image_size, cfg.image_size, cfg.in_channels)), jnp.float32
+    )
     target = jnp.asarray(rng.standard_normal((*x.shape[:3], cfg.out_channels)), jnp.float32)
 
     @jax.jit
@@ -246,8 +259,12 @@ def test_load_official_dit_prefers_ema(small, tmp_path):
     ema = {k: torch.from_numpy(v + 1.0 if k != "pos_embed" else v) for k, v in sd.items()}
     path = tmp_path / "0001000.pt"
     torch.save(
-        {"model": {k: torch.from_numpy(v) for k, v in sd.items()}, "ema": ema, "opt": {"step": 3},
-         "args": argparse.Namespace(model="DiT-S/2", image_size=256)},
+        {
+            "model": {k: torch.from_numpy(v) for k, v in sd.items()},
+            "ema": ema,
+            "opt": {"step": 3},
+            "args": argparse.Namespace(model="DiT-S/2", image_size=256),
+        },
         path,
     )
     got = load_official_dit(path, cfg)
@@ -255,8 +272,11 @@ def test_load_official_dit_prefers_ema(small, tmp_path):
     assert jax.tree.all(jax.tree.map(np.array_equal, got, want))
 
     plain = tmp_path / "plain.pt"
-    torch.save({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in sd.items() if k != "pos_embed"}
-               | {"pos_embed": torch.from_numpy(sd["pos_embed"])}, plain)
+    torch.save(
+        {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in sd.items() if k != "pos_embed"}
+        | {"pos_embed": torch.from_numpy(sd["pos_embed"])},
+        plain,
+    )
     got = load_official_dit(plain, cfg)
     assert got["final"]["proj"]["kernel"].dtype == np.float32
 

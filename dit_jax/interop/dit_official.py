@@ -99,7 +99,8 @@ def _names(keys: list[str]) -> str:
 
 
 def _natural_key(key: str) -> tuple:
-    return tuple(int(part) if part.isdigit() else part for part in key.split("."))
+    """blocks.2 before blocks.10; numbers and names never compared with each other."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split("."))
 
 
 def _describe_config(cfg: config_lib.Model) -> str:

@@ -48,9 +48,13 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle with code objects, not a torch file, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointFormatError(f"could not read {os.fspath(path)!r} as a PyTorch checkpoint: {reason}") from e
+        raise CheckpointFormatError(
+            f"could not read {os.fspath(path)!r} as a PyTorch checkpoint: {reason}"
+        ) from e
     if not isinstance(obj, Mapping):
-        raise CheckpointFormatError(f"{os.fspath(path)!r} holds a {type(obj).__name__}, expected a state dict")
+        raise CheckpointFormatError(
+            f"{os.fspath(path)!r} holds a {type(obj).__name__}, expected a state dict"
+        )
     for key in WRAPPER_KEYS:
         if isinstance(obj.get(key), Mapping):
             return obj[key]

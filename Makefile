@@ -1,0 +1,56 @@
+# dit_jax — every command in the README goes through these targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+# 8 fake CPU devices, so sharded code paths run on any machine.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+WORKDIR ?= runs/quickstart
+PY312 ?= $(shell command -v python3.12 2>/dev/null || ( PYENV_VERSION=3.12.1 pyenv which python3.12 2>/dev/null ))
+
+.PHONY: install install-dev quickstart test lint format bench test-py312 clean
+
+# The base environment (pinned). Re-runs only when the dependency files change.
+install: $(VENV)/.installed
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e .
+	touch $@
+
+# Test tooling + the optional PyTorch reference (torch, diffusers).
+install-dev: $(VENV)/.installed-dev
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -c constraints.txt -e ".[dev,torch,notebooks]"
+	touch $@
+
+quickstart: install
+	$(BIN)/dit-jax train --config=configs/quickstart.py --workdir=$(WORKDIR)
+	$(BIN)/dit-jax sample --workdir=$(WORKDIR) --num_samples=500 \
+	    --output=$(WORKDIR)/samples.npz --grid=$(WORKDIR)/samples.png
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 --durations=15
+
+# Smoke subset on Python 3.12 with the newest JAX/Flax (what Colab and the GPU images run).
+test-py312:
+	@if [ -z "$(PY312)" ]; then echo "python3.12 not found; skipping"; exit 0; fi; \
+	test -x .venv312/bin/python || $(PY312) -m venv .venv312; \
+	.venv312/bin/python -m pip install -q --upgrade pip && \
+	.venv312/bin/python -m pip install -q --upgrade -e ".[dev]" jax flax && \
+	$(TEST_ENV) .venv312/bin/python -m pytest -q -n 2 -m "not slow" tests/test_config.py tests/test_model.py \
+	    tests/test_diffusion.py tests/test_train.py tests/test_cli.py
+
+bench: install-dev
+	$(BIN)/python benchmarks/train_step.py --config=configs/dit.py:variant=S/2 --batch_size=8 --steps=20 --json
+
+clean:
+	rm -rf $(VENV) .venv312 runs
