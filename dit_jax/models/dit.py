@@ -1,7 +1,7 @@
 """DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers"), in Flax NNX.
 
 Images are NHWC. `DiT(x_BHWC, t_B, y_B)` returns [B, H, W, C_out] with C_out = 2C when the model
-learns sigma. Initialisation follows the reference: Xavier-uniform linears, N(0, 0.02) embeddings
+learns sigma. Initialisation follows the reference: Xavier-uniform linears (PyTorch default for the patch bias), N(0, 0.02) embeddings
 and timestep MLP, zero-initialised adaLN modulations and final projection (adaLN-Zero).
 """
 

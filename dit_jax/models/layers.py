@@ -28,6 +28,7 @@ def dense(
     dtype,
     param_dtype,
     kernel_init=xavier_uniform,
+    bias_init=zeros,
 ) -> nnx.Linear:
     """A Linear layer whose kernel and bias carry logical axis names."""
     return nnx.Linear(
@@ -36,7 +37,7 @@ def dense(
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=kernel_init,
-        bias_init=zeros,
+        bias_init=bias_init,
         kernel_metadata={"logical_axes": axes},
         bias_metadata={"logical_axes": (axes[1],)},
         rngs=rngs,
@@ -119,8 +120,11 @@ class PatchEmbed(nnx.Module):
 
     def __init__(self, patch: int, channels: int, hidden: int, *, rngs: nnx.Rngs, dtype, param_dtype):
         self.patch = patch
-        self.proj = dense(patch * patch * channels, hidden, ("patch", "embed"), rngs=rngs, dtype=dtype,
-                          param_dtype=param_dtype)
+        fan_in = patch * patch * channels
+        # The reference initialises only the conv weight (Xavier); its bias keeps PyTorch's default.
+        bias_init = nnx.initializers.uniform(scale=2 / math.sqrt(fan_in))
+        self.proj = dense(fan_in, hidden, ("patch", "embed"), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                          bias_init=lambda key, shape, dtype: bias_init(key, shape, dtype) - 1 / math.sqrt(fan_in))
 
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
         b, h, w, c = x_BHWC.shape
