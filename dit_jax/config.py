@@ -252,6 +252,8 @@ class Config:
         _check(self.batch_size > 0, "batch_size", "must be positive")
         for key in ("log_every", "checkpoint_every", "sample_every", "eval_every"):
             _check(getattr(self, key) >= 0, key, "must be >= 0 (0 disables)")
+        _check(self.eval_every == 0, "eval_every",
+               "in-training evaluation is not available yet; set it to 0 and use sample_every")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _check(
             self.sampler.kind in (("euler", "heun") if self.objective.kind == "flow" else ("ddpm", "ddim")),

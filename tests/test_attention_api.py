@@ -1,0 +1,159 @@
+"""The public entry point: dispatch, errors, transformations, shard_map, memory, block skipping."""
+
+import importlib.util
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import pallas_kernels
+from pallas_kernels import attention, build_plan, dispatch, masks, permute, reference, unpermute
+
+
+def qkv(batch=2, seq=32, heads=4, kv_heads=2, dim=8, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return (
+        jax.random.normal(keys[0], (batch, seq, heads, dim)),
+        jax.random.normal(keys[1], (batch, seq, kv_heads, dim)),
+        jax.random.normal(keys[2], (batch, seq, kv_heads, dim)),
+    )
+
+
+def test_auto_picks_per_backend_and_shape():
+    full = masks.Full()
+    assert dispatch.choose((2, 256, 4, 64), (2, 256, 4, 64), jnp.float32, full, False, "cpu") == "xla"
+    assert dispatch.choose((1, 16384, 4, 64), (1, 16384, 4, 64), jnp.float32, full, False, "cpu") == "chunked"
+    assert dispatch.choose((1, 4096, 8, 128), (1, 4096, 8, 128), jnp.bfloat16, full, False, "tpu") == "pallas"
+    misaligned = masks.BlockSparse(np.eye(4, dtype=bool), (100, 100))
+    assert (
+        dispatch.choose((1, 400, 8, 64), (1, 400, 8, 64), jnp.float32, misaligned, False, "tpu") == "chunked"
+    )
+    q, k, v = qkv()
+    assert attention(q, k, v).shape == q.shape  # what the model code calls
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(implementation="cudnn"), "needs a CUDA GPU"),
+        (dict(implementation="flash"), "unknown attention implementation"),
+        (
+            dict(implementation="pallas_gpu", mask=masks.BlockSparse(np.eye(2, dtype=bool), (20, 20))),
+            "chunked",
+        ),
+        (dict(mask=masks.Neighborhood2D((4, 4), (3, 3))), "covers 16 tokens"),
+        (dict(mask=masks.SegmentIds(jnp.zeros((2, 31), jnp.int32))), "segment ids must have shapes"),
+        (dict(implementation="pallas_tpu", interpret=False), "needs a TPU backend"),
+    ],
+)
+def test_unsupported_requests_raise_clear_errors(kwargs, message):
+    q, k, v = qkv(seq=40 if "mask" in kwargs and isinstance(kwargs["mask"], masks.BlockSparse) else 32)
+    with pytest.raises(ValueError, match=message):
+        attention(q, k, v, **kwargs)
+
+
+def test_bad_shapes_raise_clear_errors():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        attention(q[:, :, :3], k, v)
+    with pytest.raises(ValueError, match=r"\[batch, seq, heads, head_dim\]"):
+        attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="same head_dim"):
+        attention(q, k[..., :4], v)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas_gpu"])
+def test_composes_with_jit_vmap_grad_and_remat(impl):
+    q, k, v = (x.reshape(2, 1, 24, *x.shape[2:]) for x in qkv(batch=2, seq=24, heads=2, kv_heads=1))
+    mask = masks.Local1D(3, 3)
+
+    def loss(fn, q, k, v):
+        out = jax.vmap(jax.checkpoint(lambda q, k, v: fn(q, k, v)))(q, k, v)
+        return (out * jnp.sin(out)).sum()
+
+    def ours(q, k, v):
+        return attention(q, k, v, mask=mask, implementation=impl, interpret=True)
+
+    def ref(q, k, v):
+        return reference.attention(q, k, v, mask=mask)[0]
+
+    got = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=5e-5)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas_gpu"])
+def test_shard_map_over_batch_and_heads_on_8_devices(impl):
+    assert jax.device_count() == 8
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "tensor"))
+    q, k, v = qkv(batch=4, seq=24, heads=4, kv_heads=2)
+    ids = jnp.asarray(np.repeat(np.arange(3), 8)[None].repeat(4, 0).astype(np.int32))
+    mask = masks.Local1D(5, 5) & masks.SegmentIds(ids)
+
+    def loss(q, k, v):
+        out = pallas_kernels.sharded_attention(q, k, v, mesh=mesh, mask=mask, implementation=impl)
+        return (out**2).sum(), out
+
+    (grads, out) = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    def ref_loss(q, k, v):
+        out = reference.attention(q, k, v, mask=masks.Local1D(5, 5), q_ids=ids, kv_ids=ids)[0]
+        return (out**2).sum(), out
+
+    want_grads, want = jax.grad(ref_loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    np.testing.assert_allclose(out, want, atol=1e-5)
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, atol=5e-5)
+
+
+def test_tile_major_permutation_round_trip_through_attention():
+    grid, tile, window = (8, 8), (4, 4), (3, 5)
+    q, k, v = qkv(batch=1, seq=64, heads=2, kv_heads=2)
+    raster = attention(q, k, v, mask=masks.Neighborhood2D(grid, window), implementation="xla")
+    pq, pk, pv = (permute(x, grid, tile) for x in (q, k, v))
+    tiled = attention(
+        pq, pk, pv, mask=masks.Neighborhood2D(grid, window, tile=tile), implementation="chunked"
+    )
+    np.testing.assert_allclose(unpermute(tiled, grid, tile), raster, atol=1e-5)
+
+
+def test_chunked_skips_empty_blocks():
+    mask = masks.Local1D(100, 100)
+    q, k, v = qkv(batch=1, seq=1024, heads=1, kv_heads=1)
+    plan = build_plan(mask, 1024, 1024, 128, 128)
+    assert plan.rows.steps == 3 < plan.num_kv_blocks  # the busiest row visits 3 of 8 KV blocks
+
+    def scan_lengths(fn):
+        return sorted(
+            int(n) for n in re.findall(r"scan\[[^\]]*?length=(\d+)", str(jax.make_jaxpr(fn)(q, k, v)))
+        )
+
+    fwd = scan_lengths(lambda q, k, v: attention(q, k, v, mask=mask, implementation="chunked"))
+    assert fwd == [plan.rows.steps]
+    bwd = scan_lengths(
+        jax.grad(
+            lambda q, k, v: attention(q, k, v, mask=mask, implementation="chunked").sum(), argnums=(0, 1, 2)
+        )
+    )
+    assert bwd == sorted([plan.rows.steps, plan.rows.steps, plan.cols.steps])
+
+
+def _memory_benchmark():
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "attention_memory.py"
+    spec = importlib.util.spec_from_file_location("attention_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("impl", ["auto", "chunked"])
+def test_memory_is_linear_in_sequence_16k_tokens(impl):
+    stats = _memory_benchmark().measure(impl, seq=16384, heads=4, head_dim=64)
+    assert stats["dense_scores_mib"] == 4096
+    assert stats["fwd_temp_mib"] <= 256, stats
+    assert stats["fwd_bwd_temp_mib"] <= 512, stats

@@ -1,0 +1,30 @@
+"""Notebooks run top to bottom (with their parameters cell shrunk to seconds)."""
+
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+pytestmark = pytest.mark.slow
+
+
+def run_notebook(path: str, parameters: str, cwd: str) -> nbformat.NotebookNode:
+    nb = nbformat.read(path, as_version=4)
+    (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    cell.source += "\n" + parameters
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": cwd}}).execute()
+    return nb
+
+
+def test_quickstart_notebook(tmp_path, data_dir):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    params = (
+        f'CONFIG = "configs/quickstart.py:smoke"\nWORKDIR = "{tmp_path / "nb"}"\nNUM_SAMPLES = 20\n'
+        f'OVERRIDES = ["--config.total_steps=6", "--config.data.data_dir=\'{data_dir}\'"]\n'
+    )
+    nb = run_notebook(os.path.join(repo, "notebooks", "quickstart.ipynb"), params, repo)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # loss curve + sample grid
+    assert os.path.exists(tmp_path / "nb" / "checkpoints")
