@@ -36,15 +36,24 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.grid_samples_per_class = 1
 
     c.data = dict(source="synthetic", image_size=32, channels=4, num_classes=1000)
-    c.model = dict(image_size=32, in_channels=4, num_classes=1000, class_dropout=0.1,
-                   learn_sigma=args["objective"] == "ddpm", mlp_ratio=4.0, **dit_variant(args["variant"]))
+    c.model = dict(
+        image_size=32,
+        in_channels=4,
+        num_classes=1000,
+        class_dropout=0.1,
+        learn_sigma=args["objective"] == "ddpm",
+        mlp_ratio=4.0,
+        **dit_variant(args["variant"]),
+    )
     if args["objective"] == "ddpm":
         c.objective = dict(kind="ddpm", num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
         c.sampler = dict(kind="ddpm", num_steps=250, cfg_scale=1.5)
     else:
         c.objective = dict(kind="flow", t_sampling="uniform")
         c.sampler = dict(kind="heun", num_steps=125, cfg_scale=1.5)
-    c.optim = dict(lr=1e-4, warmup_steps=0, weight_decay=0.0, grad_clip=0.0, ema_decay=0.9999)
+    c.optim = dict(
+        lr=1e-4, warmup_steps=0, weight_decay=0.0, grad_clip=0.0, ema_decay=0.9999, ema_warmup=False
+    )
     c.mesh = dict(data=-1, fsdp=1, tensor=1, rules="fsdp")
     c.attention = dict(impl="auto")
     return ml_collections.ConfigDict(c)

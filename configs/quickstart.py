@@ -15,19 +15,27 @@ import ml_collections
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 3000
-    c.batch_size = 128
+    c.total_steps = 1500
+    c.batch_size = 64
     c.log_every = 50
-    c.checkpoint_every = 1000
-    c.sample_every = 1000
+    c.checkpoint_every = 500
+    c.sample_every = 500
     c.eval_every = 0
     c.keep_checkpoints = 2
     c.grid_samples_per_class = 10
 
     c.data = dict(source="digits", image_size=8, channels=1, num_classes=10)
     c.model = dict(
-        image_size=8, in_channels=1, patch_size=2, hidden_size=128, depth=4, num_heads=4,
-        mlp_ratio=4.0, num_classes=10, class_dropout=0.1, learn_sigma=False,
+        image_size=8,
+        in_channels=1,
+        patch_size=2,
+        hidden_size=128,
+        depth=4,
+        num_heads=4,
+        mlp_ratio=4.0,
+        num_classes=10,
+        class_dropout=0.1,
+        learn_sigma=False,
     )
     c.objective = dict(kind="flow", t_sampling="logit_normal")
     c.sampler = dict(kind="heun", num_steps=16, cfg_scale=2.0)

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 
+
 def load_config_file(spec: str):
     """`path/to/config.py[:arg]` -> the ConfigDict returned by its get_config(arg)."""
     path, _, arg = spec.partition(":")
@@ -39,7 +40,9 @@ def _merge(base: dict, update: dict, prefix: str = "") -> dict:
     out = dict(base)
     for key, value in update.items():
         if key not in base:
-            raise ConfigError(f"unknown config key '{prefix}{key}'; known keys here: {', '.join(sorted(base))}")
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'; known keys here: {', '.join(sorted(base))}"
+            )
         out[key] = _merge(base[key], value, f"{prefix}{key}.") if isinstance(base[key], dict) else value
     return out
 
@@ -57,7 +60,7 @@ def apply_overrides(config_dict, overrides: list[str]) -> dict:
             raise config_lib.ConfigError(
                 f"unrecognised argument {item!r}; overrides look like --config.model.depth=4"
             )
-        key, _, text = item[len("--config."):].partition("=")
+        key, _, text = item[len("--config.") :].partition("=")
         *parents, leaf = key.split(".")
         update = {leaf: parse_value(text)}
         for part in reversed(parents):
@@ -76,37 +79,53 @@ def cmd_train(args, overrides: list[str]) -> None:
 
 def cmd_sample(args, overrides: list[str]) -> None:
     from dit_jax import grids, sampling
+    from dit_jax.config import ConfigError
     from dit_jax.parallel import mesh as mesh_lib
     from dit_jax.train import loop
-
-    from dit_jax.config import ConfigError
 
     if overrides:
         raise ConfigError(f"unrecognised arguments: {' '.join(overrides)}; see `dit-jax sample --help`")
     cfg = loop.load_config(args.workdir)
-    sampler = sampling.with_overrides(cfg.sampler, kind=args.sampler, num_steps=args.num_steps,
-                                      cfg_scale=args.cfg_scale)
+    sampler = sampling.with_overrides(
+        cfg.sampler, kind=args.sampler, num_steps=args.num_steps, cfg_scale=args.cfg_scale
+    )
     mesh = mesh_lib.make_mesh(cfg.mesh)
     trainer = loop.Trainer(cfg, args.workdir, mesh)
     step, state, _ = trainer.checkpointer.restore(trainer.abstract_state())
     labels = sampling.balanced_labels(args.num_samples, cfg.model.num_classes)
-    images = sampling.generate(cfg, trainer.spec, state.ema, labels, mesh=mesh, seed=args.seed,
-                               batch_size=args.batch_size, sampler=sampler)
+    images = sampling.generate(
+        cfg,
+        trainer.spec,
+        state.ema,
+        labels,
+        mesh=mesh,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        sampler=sampler,
+    )
     trainer.checkpointer.close()
     sampling.save_npz(args.output, images, labels)
     if args.grid:
         grids.save_grid_png(args.grid, images, labels, cfg.model.num_classes, cfg.grid_samples_per_class)
-    print(f"wrote {len(images)} samples from step {step} to {args.output}"
-          + (f" and a grid to {args.grid}" if args.grid else ""))
+    print(
+        f"wrote {len(images)} samples from step {step} to {args.output}"
+        + (f" and a grid to {args.grid}" if args.grid else "")
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dit-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train or resume a model")
+    multi = argparse.ArgumentParser(add_help=False)
+    multi.add_argument("--coordinator", help="host:port of process 0 for multi-process runs, or 'auto'")
+    multi.add_argument("--num_processes", type=int)
+    multi.add_argument("--process_id", type=int)
+    train = sub.add_parser("train", parents=[multi], help="train or resume a model")
     train.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
     train.add_argument("--workdir", required=True)
-    sample = sub.add_parser("sample", help="sample from the EMA weights of the latest checkpoint")
+    sample = sub.add_parser(
+        "sample", parents=[multi], help="sample from the EMA weights of the latest checkpoint"
+    )
     sample.add_argument("--workdir", required=True)
     sample.add_argument("--num_samples", type=int, required=True)
     sample.add_argument("--output", required=True, help="FILE.npz (ADM convention)")
@@ -123,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("dit_jax").setLevel(logging.INFO)
     args, overrides = build_parser().parse_known_args(argv)
+    if args.coordinator not in (None, "auto") and (args.num_processes is None or args.process_id is None):
+        print(
+            f"dit-jax {args.command}: error: --coordinator needs --num_processes and --process_id",
+            file=sys.stderr,
+        )
+        return 2
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -132,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     from dit_jax.train.loop import NonFiniteLoss
 
     user_errors = (ConfigError, DataError, CheckpointError, NonFiniteLoss, FileNotFoundError)
+    from dit_jax.parallel import distributed
+
     try:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         {"train": cmd_train, "sample": cmd_sample}[args.command](args, overrides)
     except user_errors as e:
         print(f"dit-jax {args.command}: error: {e}", file=sys.stderr)

@@ -128,8 +128,11 @@ class Objective:
         _check(self.shift > 0, "objective.shift", "must be positive")
         _check(self.logit_std > 0, "objective.logit_std", "must be positive")
         _check(self.num_timesteps > 1, "objective.num_timesteps", "must be > 1")
-        _check(0 < self.beta_start < self.beta_end < 1, "objective.beta_start",
-               "need 0 < beta_start < beta_end < 1")
+        _check(
+            0 < self.beta_start < self.beta_end < 1,
+            "objective.beta_start",
+            "need 0 < beta_start < beta_end < 1",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +155,11 @@ class Sampler:
         _check_choice(self.kind, "sampler.kind", ("euler", "heun", "ddpm", "ddim"))
         _check(self.num_steps > 0, "sampler.num_steps", "must be positive")
         _check(self.cfg_scale >= 0, "sampler.cfg_scale", "must be >= 0")
-        _check(0 <= self.guidance_low <= self.guidance_high <= 1, "sampler.guidance_low",
-               "need 0 <= guidance_low <= guidance_high <= 1")
+        _check(
+            0 <= self.guidance_low <= self.guidance_high <= 1,
+            "sampler.guidance_low",
+            "need 0 <= guidance_low <= guidance_high <= 1",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +190,9 @@ class Optim:
     eps: float = 1e-8
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
+    # Warm-up: the decay at step n is min(ema_decay, (1 + n) / (10 + n)), so the EMA is not
+    # dominated by the initial weights in short runs. Off = a constant decay, as in DiT.
+    ema_warmup: bool = True
 
     def __post_init__(self):
         _check(self.lr > 0, "optim.lr", "must be positive")
@@ -213,8 +222,11 @@ class Data:
 
     def __post_init__(self):
         _check_choice(self.source, "data.source", ("digits", "image_folder", "synthetic"))
-        _check(self.source != "image_folder" or bool(self.path), "data.path",
-               "data.source='image_folder' needs data.path, a folder with one sub-folder per class")
+        _check(
+            self.source != "image_folder" or bool(self.path),
+            "data.path",
+            "data.source='image_folder' needs data.path, a folder with one sub-folder per class",
+        )
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
 
 
@@ -252,8 +264,11 @@ class Config:
         _check(self.batch_size > 0, "batch_size", "must be positive")
         for key in ("log_every", "checkpoint_every", "sample_every", "eval_every"):
             _check(getattr(self, key) >= 0, key, "must be >= 0 (0 disables)")
-        _check(self.eval_every == 0, "eval_every",
-               "in-training evaluation is not available yet; set it to 0 and use sample_every")
+        _check(
+            self.eval_every == 0,
+            "eval_every",
+            "in-training evaluation is not available yet; set it to 0 and use sample_every",
+        )
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _check(
             self.sampler.kind in (("euler", "heun") if self.objective.kind == "flow" else ("ddpm", "ddim")),
@@ -262,14 +277,24 @@ class Config:
             "use euler/heun for flow and ddpm/ddim for ddpm",
         )
         if self.objective.kind == "ddpm":
-            _check(self.sampler.num_steps <= self.objective.num_timesteps, "sampler.num_steps",
-                   f"{self.sampler.num_steps} steps exceed the {self.objective.num_timesteps} training timesteps")
+            _check(
+                self.sampler.num_steps <= self.objective.num_timesteps,
+                "sampler.num_steps",
+                f"{self.sampler.num_steps} steps exceed the "
+                f"{self.objective.num_timesteps} training timesteps",
+            )
         m, d = self.model, self.data
         for key in ("image_size", "num_classes"):
-            _check(getattr(m, key) == getattr(d, key), f"data.{key}",
-                   f"data.{key}={getattr(d, key)} but model.{key}={getattr(m, key)}; make them agree")
-        _check(m.in_channels == d.channels, "data.channels",
-               f"data.channels={d.channels} but model.in_channels={m.in_channels}; make them agree")
+            _check(
+                getattr(m, key) == getattr(d, key),
+                f"data.{key}",
+                f"data.{key}={getattr(d, key)} but model.{key}={getattr(m, key)}; make them agree",
+            )
+        _check(
+            m.in_channels == d.channels,
+            "data.channels",
+            f"data.channels={d.channels} but model.in_channels={m.in_channels}; make them agree",
+        )
 
 
 def _build(cls: type, values: Any, prefix: str):

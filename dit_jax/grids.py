@@ -7,23 +7,32 @@ from PIL import Image, ImageDraw
 
 
 def grid_by_class(
-    images_NHWC: np.ndarray, labels_N: np.ndarray, num_classes: int, per_class: int, *, scale: int = 1
+    images_NHWC: np.ndarray,
+    labels_N: np.ndarray,
+    num_classes: int,
+    per_class: int,
+    *,
+    scale: int = 1,
+    gap: int = 0,
 ) -> np.ndarray:
-    """Arranges uint8 images into a [rows*H, per_class*W, C] grid, row k holding class k.
+    """Arranges uint8 images into a grid, row k holding class k: cells upscaled `scale`× and
+    separated by `gap` white pixels (right and below each cell).
 
     Missing cells stay black. With num_classes == 0 (unconditional) the images fill rows in order.
     """
+    if scale > 1:
+        images_NHWC = images_NHWC.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = images_NHWC.shape
     rows = max(num_classes, 1) if num_classes else int(np.ceil(n / per_class))
-    grid = np.zeros((rows, per_class, h, w, c), np.uint8)
+    grid = np.full((rows, per_class, h + gap, w + gap, c), 255, np.uint8)
+    grid[:, :, :h, :w] = 0
     filled = np.zeros(rows, int)
     for i, (image, label) in enumerate(zip(images_NHWC, labels_N, strict=True)):
         row = int(label) if num_classes else i // per_class
         if row < rows and filled[row] < per_class:
-            grid[row, filled[row]] = image
+            grid[row, filled[row], :h, :w] = image
             filled[row] += 1
-    grid = grid.transpose(0, 2, 1, 3, 4).reshape(rows * h, per_class * w, c)
-    return np.kron(grid, np.ones((scale, scale, 1), np.uint8)) if scale > 1 else grid
+    return grid.transpose(0, 2, 1, 3, 4).reshape(rows * (h + gap), per_class * (w + gap), c)
 
 
 def save_grid_png(
@@ -41,14 +50,14 @@ def save_grid_png(
     Returns the grid as uint8 [H, W, C] (unlabelled), e.g. for TensorBoard."""
     h = images_NHWC.shape[1]
     scale = max(1, int(np.ceil(min_cell / h)))
-    grid = grid_by_class(images_NHWC, labels_N, num_classes, per_class, scale=scale)
+    grid = grid_by_class(images_NHWC, labels_N, num_classes, per_class, scale=scale, gap=2)
     mode = "L" if grid.shape[-1] == 1 else "RGB"
     body = Image.fromarray(grid[..., 0] if mode == "L" else grid, mode)
     margin = 40 if num_classes else 0
     canvas = Image.new(mode, (body.width + margin, body.height), 255 if mode == "L" else (255, 255, 255))
     canvas.paste(body, (margin, 0))
     draw = ImageDraw.Draw(canvas)
-    cell = h * scale
+    cell = h * scale + 2
     for k in range(num_classes):
         name = class_names[k] if class_names else str(k)
         draw.text((4, k * cell + cell // 2 - 5), name[:6], fill=0 if mode == "L" else (0, 0, 0))

@@ -46,8 +46,11 @@ def make_sample_fn(cfg: config_lib.Config, spec: ModelSpec, sampler: config_lib.
         sample_key = jax.random.fold_in(key, 1)
         return sample(model_fn(params), objective, sampler, sample_key, noise, y_B, null_label=null_label)
 
-    return jax.jit(run, in_shardings=(None, None, mesh_lib.batch_sharding(mesh)),
-                   out_shardings=mesh_lib.batch_sharding(mesh))
+    return jax.jit(
+        run,
+        in_shardings=(None, None, mesh_lib.batch_sharding(mesh)),
+        out_shardings=mesh_lib.batch_sharding(mesh),
+    )
 
 
 def generate(

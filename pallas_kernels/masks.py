@@ -257,6 +257,7 @@ class BlockSparse(Mask):
         counts = np.zeros((bm.shape[0] + 1, bm.shape[1] + 1), np.int64)
         counts[1:, 1:] = bm.astype(np.int64).cumsum(0).cumsum(1)
         object.__setattr__(self, "_counts", counts)
+        object.__setattr__(self, "_hash", hash((self.block_shape, bm.shape, bm.tobytes())))
 
     def __eq__(self, other):
         return (
@@ -267,7 +268,7 @@ class BlockSparse(Mask):
         )
 
     def __hash__(self):
-        return hash((self.block_shape, self.block_mask.shape, self.block_mask.tobytes()))
+        return self._hash
 
     def mask_fn(self, q_idx, kv_idx):
         bq, bk = self.block_shape

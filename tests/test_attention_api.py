@@ -1,5 +1,6 @@
 """The public entry point: dispatch, errors, transformations, shard_map, memory, block skipping."""
 
+import dataclasses
 import importlib.util
 import pathlib
 import re
@@ -11,7 +12,16 @@ import pytest
 from jax.sharding import Mesh
 
 import pallas_kernels
-from pallas_kernels import attention, build_plan, dispatch, masks, permute, reference, unpermute
+from pallas_kernels import (
+    attention,
+    build_plan,
+    dispatch,
+    masks,
+    pallas_attention,
+    permute,
+    reference,
+    unpermute,
+)
 
 
 def qkv(batch=2, seq=32, heads=4, kv_heads=2, dim=8, seed=0):
@@ -56,6 +66,23 @@ def test_unsupported_requests_raise_clear_errors(kwargs, message):
         attention(q, k, v, **kwargs)
 
 
+def test_block_sizes_are_checked_against_hardware_limits():
+    cfg = pallas_attention.default_config("gpu", masks.Full(), 1.0, 1000, 1000, 72, jnp.bfloat16, False)
+    assert cfg.head_dim_padded == 128 and cfg.padded_q == 1024
+    pallas_attention.check_hardware(cfg, jnp.bfloat16)
+    with pytest.raises(ValueError, match="powers of two"):
+        pallas_attention.check_hardware(dataclasses.replace(cfg, block_q=48), jnp.bfloat16)
+    with pytest.raises(ValueError, match="shared memory"):
+        pallas_attention.check_hardware(dataclasses.replace(cfg, block_kv=256, num_stages=4), jnp.float32)
+    tpu = pallas_attention.default_config("tpu", masks.Full(), 1.0, 1000, 1000, 72, jnp.bfloat16, False)
+    assert tpu.head_dim_padded == 128
+    pallas_attention.check_hardware(tpu, jnp.bfloat16)
+    with pytest.raises(ValueError, match="block_kv % 128"):
+        pallas_attention.check_hardware(dataclasses.replace(tpu, block_kv=64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="VMEM"):
+        pallas_attention.check_hardware(dataclasses.replace(tpu, block_q=4096, block_kv=4096), jnp.float32)
+
+
 def test_bad_shapes_raise_clear_errors():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="multiple of kv heads"):
@@ -87,7 +114,7 @@ def test_composes_with_jit_vmap_grad_and_remat(impl):
         np.testing.assert_allclose(g, w, atol=5e-5)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "pallas_gpu"])
+@pytest.mark.parametrize("impl", ["pallas_gpu"])  # pallas_call has no sharding rule: the reason for shard_map
 def test_shard_map_over_batch_and_heads_on_8_devices(impl):
     assert jax.device_count() == 8
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "tensor"))

@@ -29,8 +29,14 @@ def run_main(capsys, *argv):
     ],
 )
 def test_train_rejects_bad_config_in_one_line(capsys, tmp_path, data_dir, extra, message):
-    code, err = run_main(capsys, "train", f"--config={SMOKE}", f"--workdir={tmp_path}",
-                         f"--config.data.data_dir='{data_dir}'", *extra)
+    code, err = run_main(
+        capsys,
+        "train",
+        f"--config={SMOKE}",
+        f"--workdir={tmp_path}",
+        f"--config.data.data_dir='{data_dir}'",
+        *extra,
+    )
     assert code == 2
     assert len(err) == 1 and message in err[0] and err[0].startswith("dit-jax train: error:")
 
@@ -47,12 +53,26 @@ def test_sample_without_checkpoints(capsys, tmp_path):
 
 def test_train_then_sample_then_damaged_checkpoints(capsys, tmp_path, data_dir):
     workdir = str(tmp_path / "run")
-    args = ["train", f"--config={SMOKE}", f"--workdir={workdir}", f"--config.data.data_dir='{data_dir}'",
-            "--config.total_steps=10", "--config.checkpoint_every=5"]
+    args = [
+        "train",
+        f"--config={SMOKE}",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir='{data_dir}'",
+        "--config.total_steps=10",
+        "--config.checkpoint_every=5",
+    ]
     assert main(args) == 0
     out = str(tmp_path / "s.npz")
-    code = main(["sample", f"--workdir={workdir}", "--num_samples=20", f"--output={out}",
-                 f"--grid={tmp_path / 'g.png'}", "--num_steps=2"])
+    code = main(
+        [
+            "sample",
+            f"--workdir={workdir}",
+            "--num_samples=20",
+            f"--output={out}",
+            f"--grid={tmp_path / 'g.png'}",
+            "--num_steps=2",
+        ]
+    )
     assert code == 0
     with np.load(out) as f:
         assert f["arr_0"].shape == (20, 8, 8, 1) and f["arr_0"].dtype == np.uint8
@@ -74,10 +94,21 @@ def test_train_then_sample_then_damaged_checkpoints(capsys, tmp_path, data_dir):
 
 def test_real_process_prints_no_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "dit_jax", "train", f"--config={SMOKE}", f"--workdir={tmp_path}",
-         "--config.model.patch_size=3"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "dit_jax",
+            "train",
+            f"--config={SMOKE}",
+            f"--workdir={tmp_path}",
+            "--config.model.patch_size=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("dit-jax train: error: config key 'model.patch_size'")
+    assert (
+        proc.stderr.strip().splitlines()[-1].startswith("dit-jax train: error: config key 'model.patch_size'")
+    )

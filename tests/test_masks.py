@@ -93,7 +93,7 @@ MASKS = [
 ]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
 @given(
     which=st.integers(0, len(MASKS) - 1),
     blocks=st.integers(2, 12),
@@ -115,9 +115,12 @@ def test_plan_reproduces_the_dense_mask(which, blocks, block_q, block_kv):
         if plan.kinds[i, j] == FULL:
             assert truth.all()
     np.testing.assert_array_equal(rebuilt, dense)
-    # Leaf masks in raster order are classified exactly (no needless PARTIAL tiles).
+    # Leaf masks in raster order are classified exactly (no needless PARTIAL tiles), except that
+    # a KV block holding padding is never FULL.
     if which < 6:
         for i, j in zip(*np.nonzero(plan.kinds == PARTIAL), strict=True):
+            if j == plan.num_kv_blocks - 1 and n % block_kv:
+                continue
             truth = dense[i * block_q : (i + 1) * block_q, j * block_kv : (j + 1) * block_kv]
             assert truth.any() and not truth.all()
 

@@ -52,8 +52,17 @@ def test_pos_embed_matches_reference_formula():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_forward_shapes_and_dtypes(dtype):
-    m = config_lib.Model(image_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=4,
-                         num_classes=5, learn_sigma=True, dtype=dtype)
+    m = config_lib.Model(
+        image_size=8,
+        in_channels=3,
+        patch_size=2,
+        hidden_size=32,
+        depth=2,
+        num_heads=4,
+        num_classes=5,
+        learn_sigma=True,
+        dtype=dtype,
+    )
     model = DiT(m, rngs=nnx.Rngs(0))
     x = jnp.ones((2, 8, 8, 3))
     out = model(x, jnp.array([0.0, 999.0]), jnp.array([0, 5]), drop_key=jax.random.key(0))
@@ -62,8 +71,9 @@ def test_forward_shapes_and_dtypes(dtype):
 
 
 def test_zero_init_output_and_remat_equivalence():
-    m = config_lib.Model(image_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2,
-                         num_classes=3)
+    m = config_lib.Model(
+        image_size=8, in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=3
+    )
     model = DiT(m, rngs=nnx.Rngs(0))
     x, t, y = jax.random.normal(jax.random.key(1), (2, 8, 8, 1)), jnp.array([3.0, 500.0]), jnp.array([0, 2])
     assert not np.any(np.asarray(model(x, t, y)))  # adaLN-Zero: the untrained model outputs 0
@@ -83,8 +93,16 @@ def test_zero_init_output_and_remat_equivalence():
 
 
 def test_label_dropout_uses_null_class():
-    m = config_lib.Model(image_size=4, in_channels=1, patch_size=2, hidden_size=16, depth=1, num_heads=2,
-                         num_classes=3, class_dropout=0.5)
+    m = config_lib.Model(
+        image_size=4,
+        in_channels=1,
+        patch_size=2,
+        hidden_size=16,
+        depth=1,
+        num_heads=2,
+        num_classes=3,
+        class_dropout=0.5,
+    )
     emb = DiT(m, rngs=nnx.Rngs(0)).y_embedder
     y = jnp.zeros((1000,), jnp.int32)
     dropped = emb(y, jax.random.key(0))

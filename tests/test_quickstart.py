@@ -26,11 +26,30 @@ def nearest_distances(queries: np.ndarray, references: np.ndarray) -> np.ndarray
 
 def test_quickstart_samples_are_recognisable_new_digits(tmp_path, data_dir):
     workdir = str(tmp_path / "quickstart")
-    assert main(["train", "--config=configs/quickstart.py", f"--workdir={workdir}",
-                 f"--config.data.data_dir='{data_dir}'"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config=configs/quickstart.py",
+                f"--workdir={workdir}",
+                f"--config.data.data_dir='{data_dir}'",
+            ]
+        )
+        == 0
+    )
     out = os.path.join(workdir, "samples.npz")
-    assert main(["sample", f"--workdir={workdir}", "--num_samples=500", f"--output={out}",
-                 f"--grid={workdir}/samples.png"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                f"--workdir={workdir}",
+                "--num_samples=500",
+                f"--output={out}",
+                f"--grid={workdir}/samples.png",
+            ]
+        )
+        == 0
+    )
     with np.load(out) as f:
         images, labels = f["arr_0"], f["arr_1"]
     assert images.shape == (500, 8, 8, 1) and np.bincount(labels).tolist() == [50] * 10
@@ -50,7 +69,9 @@ def test_quickstart_samples_are_recognisable_new_digits(tmp_path, data_dir):
     to_scale = lambda x: (x.reshape(len(x), 64).astype(np.float64) + 1) * 8  # [-1, 1] -> 0..16
     d_samples = nearest_distances(samples, to_scale(train_x))
     d_heldout = nearest_distances(to_scale(test_x), to_scale(train_x))
-    print(f"median distance to nearest training image: samples {np.median(d_samples):.2f}, "
-          f"held-out {np.median(d_heldout):.2f}")
+    print(
+        f"median distance to nearest training image: samples {np.median(d_samples):.2f}, "
+        f"held-out {np.median(d_heldout):.2f}"
+    )
     assert np.mean(d_samples < 1.0) < 0.01  # (near-)copies: < 1 grey level over all 64 pixels
     assert np.median(d_samples) > 0.5 * np.median(d_heldout)

@@ -61,13 +61,15 @@ def test_sharded_run_matches_single_device_and_is_sharded(tiny_config, tmp_path)
     assert kernel.sharding.spec[0] == "fsdp"
     assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // 4
     adam_mu = jax.tree.leaves(state8.opt_state)
-    assert any(getattr(leaf, "sharding", None) is not None and "fsdp" in str(leaf.sharding.spec)
-               for leaf in adam_mu)
+    assert any(
+        getattr(leaf, "sharding", None) is not None and "fsdp" in str(leaf.sharding.spec) for leaf in adam_mu
+    )
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
-    cfg = tiny_config(total_steps=30, checkpoint_every=1, log_every=1,
-                      optim=dict(lr=1e30, warmup_steps=0, grad_clip=0.0))
+    cfg = tiny_config(
+        total_steps=30, checkpoint_every=1, log_every=1, optim=dict(lr=1e30, warmup_steps=0, grad_clip=0.0)
+    )
     workdir = str(tmp_path / "nan")
     with pytest.raises(loop.NonFiniteLoss, match="non-finite") as info:
         loop.train(cfg, workdir)
@@ -104,7 +106,9 @@ def test_restore_onto_a_different_mesh(tiny_config, tmp_path):
     cfg = tiny_config(total_steps=4, checkpoint_every=4, mesh=dict(data=1, fsdp=8))
     workdir = str(tmp_path / "remesh")
     trained = loop.train(cfg, workdir)
-    other = tiny_config(total_steps=4, checkpoint_every=4, mesh=dict(data=2, fsdp=1, tensor=4, rules="fsdp_tp"))
+    other = tiny_config(
+        total_steps=4, checkpoint_every=4, mesh=dict(data=2, fsdp=1, tensor=4, rules="fsdp_tp")
+    )
     trainer = loop.Trainer(other, workdir, mesh_lib.make_mesh(other.mesh, devices=jax.devices()))
     _, state, _ = trainer.checkpointer.restore(trainer.abstract_state())
     trainer.checkpointer.close()
@@ -112,3 +116,10 @@ def test_restore_onto_a_different_mesh(tiny_config, tmp_path):
     assert fc1.sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
     for x, y in zip(jax.tree.leaves(trained), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_bfloat16_compute_trains(tiny_config, tmp_path):
+    cfg = tiny_config(total_steps=4, checkpoint_every=0, log_every=1, model=dict(dtype="bfloat16"))
+    state = loop.train(cfg, str(tmp_path / "bf16"))
+    assert all(np.isfinite(v) for v in losses(str(tmp_path / "bf16")).values())
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))  # storage stays f32

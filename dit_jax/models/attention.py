@@ -23,13 +23,17 @@ class SelfAttention(nnx.Module):
         self.dtype = dtype
         # Xavier-uniform over the fused [hidden, 3*hidden] matrix, exactly as nn.Linear(hidden, 3*hidden).
         w_qkv = xavier_uniform(rngs.params(), (hidden, 3 * hidden), param_dtype)
-        self.w_qkv = nnx.Param(w_qkv.reshape(hidden, 3, num_heads, head_dim),
-                               logical_axes=("embed", None, "heads", "head_dim"))
-        self.b_qkv = nnx.Param(zeros(rngs.params(), (3, num_heads, head_dim), param_dtype),
-                               logical_axes=(None, "heads", "head_dim"))
+        self.w_qkv = nnx.Param(
+            w_qkv.reshape(hidden, 3, num_heads, head_dim), logical_axes=("embed", None, "heads", "head_dim")
+        )
+        self.b_qkv = nnx.Param(
+            zeros(rngs.params(), (3, num_heads, head_dim), param_dtype),
+            logical_axes=(None, "heads", "head_dim"),
+        )
         w_out = xavier_uniform(rngs.params(), (hidden, hidden), param_dtype)
-        self.w_out = nnx.Param(w_out.reshape(num_heads, head_dim, hidden),
-                               logical_axes=("heads", "head_dim", "embed"))
+        self.w_out = nnx.Param(
+            w_out.reshape(num_heads, head_dim, hidden), logical_axes=("heads", "head_dim", "embed")
+        )
         self.b_out = nnx.Param(zeros(rngs.params(), (hidden,), param_dtype), logical_axes=("embed",))
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:

@@ -1,8 +1,9 @@
 """DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers"), in Flax NNX.
 
 Images are NHWC. `DiT(x_BHWC, t_B, y_B)` returns [B, H, W, C_out] with C_out = 2C when the model
-learns sigma. Initialisation follows the reference: Xavier-uniform linears (PyTorch default for the patch bias), N(0, 0.02) embeddings
-and timestep MLP, zero-initialised adaLN modulations and final projection (adaLN-Zero).
+learns sigma. Initialisation follows the reference: Xavier-uniform linears (the patch bias keeps
+PyTorch's default uniform), N(0, 0.02) embeddings and timestep MLP, zero-initialised adaLN
+modulations and final projection (adaLN-Zero).
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ class DiTBlock(nnx.Module):
 
 class FinalLayer(nnx.Module):
     def __init__(self, cfg: config_lib.Model, *, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
-                  kernel_init=zeros)
+        kw = dict(
+            rngs=rngs, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), kernel_init=zeros
+        )
         d, p = cfg.hidden_size, cfg.patch_size
         self.adaln = dense(d, 2 * d, ("embed", "adaln"), **kw)
         self.proj = dense(d, p * p * cfg.out_channels, ("embed", "patch"), **kw)
@@ -87,7 +89,12 @@ class DiT(nnx.Module):
         self.final = FinalLayer(cfg, rngs=rngs)
 
     def __call__(
-        self, x_BHWC: jax.Array, t_B: jax.Array, y_B: jax.Array | None = None, *, drop_key: jax.Array | None = None
+        self,
+        x_BHWC: jax.Array,
+        t_B: jax.Array,
+        y_B: jax.Array | None = None,
+        *,
+        drop_key: jax.Array | None = None,
     ) -> jax.Array:
         """`t_B` is what the timestep embedder sees (see Objective.model_time); `drop_key` enables
         label dropout for classifier-free guidance training."""

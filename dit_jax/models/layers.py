@@ -123,8 +123,15 @@ class PatchEmbed(nnx.Module):
         fan_in = patch * patch * channels
         # The reference initialises only the conv weight (Xavier); its bias keeps PyTorch's default.
         bias_init = nnx.initializers.uniform(scale=2 / math.sqrt(fan_in))
-        self.proj = dense(fan_in, hidden, ("patch", "embed"), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                          bias_init=lambda key, shape, dtype: bias_init(key, shape, dtype) - 1 / math.sqrt(fan_in))
+        self.proj = dense(
+            fan_in,
+            hidden,
+            ("patch", "embed"),
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            bias_init=lambda key, shape, dtype: bias_init(key, shape, dtype) - 1 / math.sqrt(fan_in),
+        )
 
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
         b, h, w, c = x_BHWC.shape

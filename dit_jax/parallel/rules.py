@@ -58,4 +58,6 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, spec_for(logical_axes, x.shape, ACTIVATION_RULES, dict(mesh.shape)))
+    return jax.lax.with_sharding_constraint(
+        x, spec_for(logical_axes, x.shape, ACTIVATION_RULES, dict(mesh.shape))
+    )

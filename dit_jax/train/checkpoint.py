@@ -72,8 +72,12 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
                 first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 errors.append(f"step {s}: {first_line[:200]}")
-                log.warning("checkpoint at step %d in %s cannot be restored (%s); trying an older one",
-                            s, self.directory, first_line[:200])
+                log.warning(
+                    "checkpoint at step %d in %s cannot be restored (%s); trying an older one",
+                    s,
+                    self.directory,
+                    first_line[:200],
+                )
                 continue
             return s, restored.state, restored.data
         raise CheckpointError(

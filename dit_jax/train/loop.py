@@ -93,8 +93,9 @@ class Trainer:
         m = self.cfg.model
         per_class = self.cfg.grid_samples_per_class
         labels = sampling.balanced_labels(max(m.num_classes, 1) * per_class, m.num_classes)
-        images = sampling.generate(self.cfg, self.spec, state.ema, labels, mesh=self.mesh,
-                                   seed=self.cfg.seed, progress=False)
+        images = sampling.generate(
+            self.cfg, self.spec, state.ema, labels, mesh=self.mesh, seed=self.cfg.seed, progress=False
+        )
         if jax.process_index() == 0:
             os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
             path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
@@ -102,7 +103,9 @@ class Trainer:
             writer.write_image(step, "samples", grid)
 
 
-def train(cfg: config_lib.Config, workdir: str, mesh: jax.sharding.Mesh | None = None) -> state_lib.TrainState:
+def train(
+    cfg: config_lib.Config, workdir: str, mesh: jax.sharding.Mesh | None = None
+) -> state_lib.TrainState:
     """Trains (or resumes) until cfg.total_steps; returns the final state."""
     trainer = Trainer(cfg, workdir, mesh)
     write_config(workdir, cfg)
@@ -133,13 +136,16 @@ def _run(trainer: Trainer, state, data_iter, start: int, writer: MetricsWriter):
     compiled = trainer.step_fn.lower(state, first).compile()
     compile_s = time.perf_counter() - t0
     if start == 0:
-        writer.write(0, {
-            "num_devices": jax.device_count(),
-            "num_processes": jax.process_count(),
-            "mesh": dict(mesh.shape),
-            "num_params": count_params(state.params),
-            "compile_s": compile_s,
-        })
+        writer.write(
+            0,
+            {
+                "num_devices": jax.device_count(),
+                "num_processes": jax.process_count(),
+                "mesh": dict(mesh.shape),
+                "num_params": count_params(state.params),
+                "compile_s": compile_s,
+            },
+        )
     progress = Progress(start, cfg.total_steps)
     pending: list[tuple[int, dict]] = []
     window = {"t": time.perf_counter(), "steps": 0}
@@ -160,8 +166,10 @@ def _run(trainer: Trainer, state, data_iter, start: int, writer: MetricsWriter):
             img_per_s = window["steps"] * cfg.batch_size / max(elapsed, 1e-9)
             progress.update(step, loss=float(m["loss"]), img_per_s=img_per_s)
             if _every(step, cfg.log_every) or step == cfg.total_steps:
-                writer.write(step, {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
-                                    "img_per_s": img_per_s})
+                writer.write(
+                    step,
+                    {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"], "img_per_s": img_per_s},
+                )
                 window.update(t=time.perf_counter(), steps=0)
         pending.clear()
 

@@ -66,8 +66,15 @@ class Progress:
         if enabled:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
-                             smoothing=0.1, mininterval=0.5)
+            self._bar = tqdm(
+                total=total,
+                initial=start,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                smoothing=0.1,
+                mininterval=0.5,
+            )
 
     def update(self, step: int, **postfix: float) -> None:
         if self._bar is None:

@@ -65,8 +65,9 @@ def learning_rate(cfg: config_lib.Optim, total_steps: int) -> optax.Schedule:
 
 def optimizer(cfg: config_lib.Config) -> optax.GradientTransformation:
     o = cfg.optim
-    adamw = optax.adamw(learning_rate(o, cfg.total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
-                        weight_decay=o.weight_decay)
+    adamw = optax.adamw(
+        learning_rate(o, cfg.total_steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay
+    )
     return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip > 0 else adamw
 
 
@@ -86,8 +87,12 @@ def state_shardings(cfg: config_lib.Config, spec: ModelSpec, tx, mesh: jax.shard
 
 def abstract_state(cfg: config_lib.Config, spec: ModelSpec, tx) -> TrainState:
     def init():
-        return TrainState(jnp.zeros((), jnp.int32), spec.abstract_params, spec.abstract_params,
-                          tx.init(spec.abstract_params))
+        return TrainState(
+            jnp.zeros((), jnp.int32),
+            spec.abstract_params,
+            spec.abstract_params,
+            tx.init(spec.abstract_params),
+        )
 
     return jax.eval_shape(init)
 

@@ -15,6 +15,14 @@ from dit_jax.parallel import mesh as mesh_lib
 from dit_jax.train.state import ModelSpec, TrainState, apply_model, learning_rate
 
 
+def ema_decay(cfg: config_lib.Optim, step: jax.Array) -> jax.Array:
+    """The EMA decay used for the update made at `step` (0-based)."""
+    if not cfg.ema_warmup:
+        return jnp.asarray(cfg.ema_decay, jnp.float32)
+    n = step.astype(jnp.float32)
+    return jnp.minimum(cfg.ema_decay, (1 + n) / (10 + n))
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -42,7 +50,7 @@ def train_step(
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    decay = cfg.optim.ema_decay
+    decay = ema_decay(cfg.optim, state.step)
     ema = jax.tree.map(lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype), state.ema, params)
     new = TrainState(state.step + 1, params, ema, opt_state)
 
