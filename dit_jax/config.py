@@ -94,12 +94,33 @@ class Model:
 
 @dataclasses.dataclass(frozen=True)
 class Attention:
-    """Attention implementation (see pallas_kernels.attention)."""
+    """Attention implementation and mask (see pallas_kernels.attention / pallas_kernels.masks).
+
+    mask: "full", or "neighborhood:K" / "neighborhood:KH,KW" — each patch token attends to the
+    tokens within a KH×KW window (odd sizes) around it on the patch grid (Neighborhood2D).
+    """
 
     impl: str = "auto"
+    mask: str = "full"
 
     def __post_init__(self):
         _check_choice(self.impl, "attention.impl", ("auto", "xla", "chunked", "cudnn", "pallas"))
+        self.window()
+
+    def window(self) -> tuple[int, int] | None:
+        """(KH, KW) of a neighbourhood mask, None for full attention."""
+        if self.mask == "full":
+            return None
+        kind, _, sizes = self.mask.partition(":")
+        parts = sizes.split(",")
+        _check(
+            kind == "neighborhood" and 1 <= len(parts) <= 2 and all(p.strip().isdigit() for p in parts),
+            "attention.mask",
+            f"got {self.mask!r}; expected 'full', 'neighborhood:K' or 'neighborhood:KH,KW'",
+        )
+        window = tuple(int(p) for p in parts) * (3 - len(parts))
+        _check(all(w % 2 == 1 for w in window), "attention.mask", f"window sizes must be odd, got {window}")
+        return window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,6 +305,13 @@ class Config:
                 f"{self.objective.num_timesteps} training timesteps",
             )
         m, d = self.model, self.data
+        window = self.attention.window()
+        grid = m.image_size // m.patch_size
+        _check(
+            window is None or max(window) <= 2 * grid - 1,
+            "attention.mask",
+            f"window {window} is wider than the {grid}×{grid} patch grid needs (max {2 * grid - 1})",
+        )
         for key in ("image_size", "num_classes"):
             _check(
                 getattr(m, key) == getattr(d, key),

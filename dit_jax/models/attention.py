@@ -17,9 +17,12 @@ class SelfAttention(nnx.Module):
     W_qkv is stored as [embed, 3, heads, head_dim] so that heads can be sharded over `tensor`.
     """
 
-    def __init__(self, hidden: int, num_heads: int, *, impl: str, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(
+        self, hidden: int, num_heads: int, *, impl: str, mask=None, rngs: nnx.Rngs, dtype, param_dtype
+    ):
         head_dim = hidden // num_heads
         self.impl = impl
+        self.mask = mask  # a static pallas_kernels.masks.Mask, or None for full attention
         self.dtype = dtype
         # Xavier-uniform over the fused [hidden, 3*hidden] matrix, exactly as nn.Linear(hidden, 3*hidden).
         w_qkv = xavier_uniform(rngs.params(), (hidden, 3 * hidden), param_dtype)
@@ -43,6 +46,6 @@ class SelfAttention(nnx.Module):
         qkv_BL3HK = qkv_BL3HK + self.b_qkv[...].astype(dtype)
         qkv_BL3HK = constrain(qkv_BL3HK, ("act_batch", "act_seq", None, "act_heads", None))
         q, k, v = (qkv_BL3HK[:, :, i] for i in range(3))
-        out_BLHK = pallas_kernels.attention(q, k, v, implementation=self.impl)
+        out_BLHK = pallas_kernels.attention(q, k, v, mask=self.mask, implementation=self.impl)
         out = jnp.einsum("blhk,hkd->bld", out_BLHK, self.w_out[...].astype(dtype))
         return out + self.b_out[...].astype(dtype)

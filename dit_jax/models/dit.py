@@ -38,10 +38,10 @@ def dtype_of(name: str):
 class DiTBlock(nnx.Module):
     """adaLN-Zero transformer block: modulated attention and MLP, each with a learned gate."""
 
-    def __init__(self, cfg: config_lib.Model, attention_impl: str, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: config_lib.Model, attention_impl: str, attention_mask=None, *, rngs: nnx.Rngs):
         kw = dict(rngs=rngs, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
         d = cfg.hidden_size
-        self.attn = SelfAttention(d, cfg.num_heads, impl=attention_impl, **kw)
+        self.attn = SelfAttention(d, cfg.num_heads, impl=attention_impl, mask=attention_mask, **kw)
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio), **kw)
         self.adaln = dense(d, 6 * d, ("embed", "adaln"), kernel_init=zeros, **kw)
 
@@ -74,7 +74,10 @@ def _apply_block(block: DiTBlock, x_BLD: jax.Array, c_BD: jax.Array) -> jax.Arra
 
 
 class DiT(nnx.Module):
-    def __init__(self, cfg: config_lib.Model, attention_impl: str = "auto", *, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: config_lib.Model, attention_impl: str = "auto", attention_mask=None, *, rngs: nnx.Rngs
+    ):
+        """`attention_mask`: a pallas_kernels.masks.Mask over the patch tokens (None = full)."""
         self.cfg = cfg
         kw = dict(rngs=rngs, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
         d = cfg.hidden_size
@@ -85,7 +88,9 @@ class DiT(nnx.Module):
             if cfg.num_classes
             else None
         )
-        self.blocks = nnx.List([DiTBlock(cfg, attention_impl, rngs=rngs) for _ in range(cfg.depth)])
+        self.blocks = nnx.List(
+            [DiTBlock(cfg, attention_impl, attention_mask, rngs=rngs) for _ in range(cfg.depth)]
+        )
         self.final = FinalLayer(cfg, rngs=rngs)
 
     def __call__(

@@ -12,6 +12,7 @@ from flax import nnx, struct
 from dit_jax import config as config_lib
 from dit_jax.models import DiT
 from dit_jax.parallel import mesh as mesh_lib
+from pallas_kernels import masks
 
 
 class TrainState(struct.PyTreeNode):
@@ -38,9 +39,18 @@ def _logical_axes(abstract_state: nnx.State) -> Any:
     return axes.to_pure_dict()
 
 
+def attention_mask(cfg: config_lib.Config) -> masks.Mask | None:
+    """The configured attention mask over the patch-token grid (None = full attention)."""
+    window = cfg.attention.window()
+    if window is None:
+        return None
+    grid = cfg.model.image_size // cfg.model.patch_size
+    return masks.Neighborhood2D(grid=(grid, grid), window=window)
+
+
 def build_model(cfg: config_lib.Config, seed: int | None = None) -> DiT:
     seed = cfg.seed if seed is None else seed
-    return DiT(cfg.model, cfg.attention.impl, rngs=nnx.Rngs(params=seed))
+    return DiT(cfg.model, cfg.attention.impl, attention_mask(cfg), rngs=nnx.Rngs(params=seed))
 
 
 def model_spec(cfg: config_lib.Config) -> ModelSpec:
