@@ -15,7 +15,7 @@ import ml_collections
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 1500
+    c.total_steps = 1000
     c.batch_size = 64
     c.log_every = 50
     c.checkpoint_every = 500

@@ -80,30 +80,24 @@ def cmd_train(args, overrides: list[str]) -> None:
 def cmd_sample(args, overrides: list[str]) -> None:
     from dit_jax import grids, sampling
     from dit_jax.config import ConfigError
-    from dit_jax.parallel import mesh as mesh_lib
-    from dit_jax.train import loop
 
     if overrides:
         raise ConfigError(f"unrecognised arguments: {' '.join(overrides)}; see `dit-jax sample --help`")
-    cfg = loop.load_config(args.workdir)
+    cfg, trainer, step, ema = _restore_ema(args.workdir, args.best)
     sampler = sampling.with_overrides(
         cfg.sampler, kind=args.sampler, num_steps=args.num_steps, cfg_scale=args.cfg_scale
     )
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-    trainer = loop.Trainer(cfg, args.workdir, mesh)
-    step, state, _ = trainer.checkpointer.restore(trainer.abstract_state())
     labels = sampling.balanced_labels(args.num_samples, cfg.model.num_classes)
     images = sampling.generate(
         cfg,
         trainer.spec,
-        state.ema,
+        ema,
         labels,
-        mesh=mesh,
+        mesh=trainer.mesh,
         seed=args.seed,
         batch_size=args.batch_size,
         sampler=sampler,
     )
-    trainer.checkpointer.close()
     sampling.save_npz(args.output, images, labels)
     if args.grid:
         grids.save_grid_png(args.grid, images, labels, cfg.model.num_classes, cfg.grid_samples_per_class)
@@ -111,6 +105,114 @@ def cmd_sample(args, overrides: list[str]) -> None:
         f"wrote {len(images)} samples from step {step} to {args.output}"
         + (f" and a grid to {args.grid}" if args.grid else "")
     )
+
+
+def _restore_ema(workdir: str, best: bool):
+    """(config, trainer, step, EMA params) from the newest checkpoint (or workdir/best)."""
+    from dit_jax.parallel import mesh as mesh_lib
+    from dit_jax.train import loop
+    from dit_jax.train.checkpoint import Checkpointer
+
+    cfg = loop.load_config(workdir)
+    trainer = loop.Trainer(cfg, workdir, mesh_lib.make_mesh(cfg.mesh))
+    checkpointer = Checkpointer(os.path.join(workdir, "best"), keep=1) if best else trainer.checkpointer
+    step, state, _ = checkpointer.restore(trainer.abstract_state())
+    checkpointer.close()
+    return cfg, trainer, step, state.ema
+
+
+def cmd_eval(args, overrides: list[str]) -> None:
+    """Samples vs an ADM reference batch, or a training run's own metrics."""
+    from dit_jax import sampling
+    from dit_jax.config import ConfigError
+    from dit_jax.eval import evaluate, load_samples
+
+    if overrides:
+        raise ConfigError(f"unrecognised arguments: {' '.join(overrides)}; see `dit-jax eval --help`")
+    if args.reference:
+        if not args.samples:
+            raise ConfigError("--reference needs --samples=FILE.npz")
+        images, _ = load_samples(args.samples)
+        metrics = [m for m in args.metrics.split(",") if m]
+        result = evaluate.compare_to_reference(images, args.reference, metrics, args.inception_weights)
+        output = args.output or os.path.splitext(args.samples)[0] + "_eval.json"
+    elif args.workdir:
+        if args.samples:
+            from dit_jax.train.loop import load_config
+
+            cfg = load_config(args.workdir)
+            images, labels = load_samples(args.samples)
+            step = None
+        else:
+            cfg, trainer, step, ema = _restore_ema(args.workdir, args.best)
+            labels = sampling.balanced_labels(args.num_samples or cfg.eval.num_samples, cfg.model.num_classes)
+            images = sampling.generate(
+                cfg,
+                trainer.spec,
+                ema,
+                labels,
+                mesh=trainer.mesh,
+                seed=args.seed,
+                batch_size=cfg.eval.batch_size,
+            )
+            labels = labels if cfg.model.num_classes else None
+        result = {**({"step": step} if step is not None else {}), **evaluate.run_metrics(cfg, images, labels)}
+        output = args.output or os.path.join(args.workdir, "eval.json")
+    else:
+        raise ConfigError("pass --workdir=DIR (a training run) or --samples=FILE.npz --reference=REF.npz")
+    print(evaluate.write_result(output, result))
+
+
+def cmd_reference(args, overrides: list[str]) -> None:
+    from dit_jax.config import ConfigError
+    from dit_jax.eval import evaluate, load_samples
+    from dit_jax.eval.samples_io import EvalError
+
+    if overrides:
+        raise ConfigError(f"unrecognised arguments: {' '.join(overrides)}; see `dit-jax reference --help`")
+    if os.path.isdir(args.images):
+        images = _load_image_folder(args.images, args.image_size)
+    elif os.path.isfile(args.images):
+        images, _ = load_samples(args.images)
+    else:
+        raise EvalError(f"--images={args.images!r} is neither an .npz file nor a folder of images")
+    shapes = evaluate.build_reference(images, args.output, args.inception_weights)
+    print(f"wrote reference statistics of {len(images)} images to {args.output} ({shapes})")
+
+
+def _load_image_folder(folder: str, size: int):
+    """All images under `folder` (recursively), centre-cropped and resized to size×size RGB uint8."""
+    import numpy as np
+    from PIL import Image
+
+    from dit_jax.eval.samples_io import EvalError
+
+    paths = sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(folder)
+        for name in names
+        if name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+    )
+    if not paths:
+        raise EvalError(f"no images (.png, .jpg, .jpeg, .bmp, .webp) found under {folder}")
+    out = []
+    for path in paths:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            side = min(image.size)
+            left, top = (image.width - side) // 2, (image.height - side) // 2
+            image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+            out.append(np.asarray(image, np.uint8))
+    return np.stack(out)
+
+
+def cmd_classifier(args, overrides: list[str]) -> None:
+    from dit_jax import config as config_lib
+    from dit_jax.eval import load_or_train_classifier
+
+    cfg = config_lib.from_dict(apply_overrides(load_config_file(args.config), overrides))
+    classifier = load_or_train_classifier(cfg.data)
+    print(f"digits classifier ready (test accuracy {classifier.test_accuracy:.3f})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +237,26 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--sampler", choices=["euler", "heun", "ddpm", "ddim"])
     sample.add_argument("--batch_size", type=int, default=256)
     sample.add_argument("--grid", help="also write a labelled PNG grid here")
+    sample.add_argument(
+        "--best", action="store_true", help="use workdir/best instead of the newest checkpoint"
+    )
+    evaluate = sub.add_parser("eval", parents=[multi], help="evaluate samples or a training run")
+    evaluate.add_argument("--workdir", help="a training run: its metrics on fresh or given samples")
+    evaluate.add_argument("--samples", help="FILE.npz in the ADM convention")
+    evaluate.add_argument("--reference", help="ADM reference batch REF.npz (mu, sigma, mu_s, sigma_s, arr_0)")
+    evaluate.add_argument("--metrics", default="fid,sfid,is,prec_recall", help="with --reference")
+    evaluate.add_argument("--inception_weights", help="FID Inception weights (.pth or .npz)")
+    evaluate.add_argument("--num_samples", type=int, help="with --workdir: default eval.num_samples")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--best", action="store_true", help="use workdir/best")
+    evaluate.add_argument("--output", help="JSON file (default: workdir/eval.json or next to the samples)")
+    reference = sub.add_parser("reference", parents=[multi], help="build ADM-format reference statistics")
+    reference.add_argument("--images", required=True, help="FILE.npz (arr_0) or a folder of images")
+    reference.add_argument("--output", required=True)
+    reference.add_argument("--image_size", type=int, default=256, help="for a folder: centre-crop + resize")
+    reference.add_argument("--inception_weights")
+    classifier = sub.add_parser("classifier", parents=[multi], help="train and cache the digits classifier for proxy metrics")
+    classifier.add_argument("--config", default="configs/quickstart.py")
     return parser
 
 
@@ -153,15 +275,32 @@ def main(argv: list[str] | None = None) -> int:
     absl_logging.set_verbosity(absl_logging.WARNING)
     from dit_jax.config import ConfigError
     from dit_jax.data import DataError
+    from dit_jax.eval import EvalError
+    from dit_jax.interop import CheckpointFormatError
     from dit_jax.train.checkpoint import CheckpointError
     from dit_jax.train.loop import NonFiniteLoss
 
-    user_errors = (ConfigError, DataError, CheckpointError, NonFiniteLoss, FileNotFoundError)
+    user_errors = (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        CheckpointFormatError,
+        EvalError,
+        NonFiniteLoss,
+        FileNotFoundError,
+    )
     from dit_jax.parallel import distributed
 
     try:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-        {"train": cmd_train, "sample": cmd_sample}[args.command](args, overrides)
+        commands = {
+            "train": cmd_train,
+            "sample": cmd_sample,
+            "eval": cmd_eval,
+            "reference": cmd_reference,
+            "classifier": cmd_classifier,
+        }
+        commands[args.command](args, overrides)
     except user_errors as e:
         print(f"dit-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -253,10 +253,23 @@ class Data:
 
 @dataclasses.dataclass(frozen=True)
 class Eval:
+    """Evaluation every `eval_every` steps and by `dit-jax eval`.
+
+    Digits runs get the proxy metrics (class_accuracy, fd_classifier, precision, recall,
+    memorisation, copy_fraction); other data sets FID against `reference` (an ADM reference
+    batch) with the FID Inception weights at `inception_weights` ("" = the default location).
+    `best_metric` ("" = none) keeps the best checkpoint by that metric in workdir/best.
+    """
+
     num_samples: int = 500
+    batch_size: int = 256
+    reference: str = ""
+    inception_weights: str = ""
+    best_metric: str = ""
 
     def __post_init__(self):
         _check(self.num_samples > 0, "eval.num_samples", "must be positive")
+        _check(self.batch_size > 0, "eval.batch_size", "must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,11 +298,6 @@ class Config:
         _check(self.batch_size > 0, "batch_size", "must be positive")
         for key in ("log_every", "checkpoint_every", "sample_every", "eval_every"):
             _check(getattr(self, key) >= 0, key, "must be >= 0 (0 disables)")
-        _check(
-            self.eval_every == 0,
-            "eval_every",
-            "in-training evaluation is not available yet; set it to 0 and use sample_every",
-        )
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _check(
             self.sampler.kind in (("euler", "heun") if self.objective.kind == "flow" else ("ddpm", "ddim")),

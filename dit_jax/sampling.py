@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from dit_jax import config as config_lib
 from dit_jax.diffusion import make_objective, sample
@@ -83,7 +84,10 @@ def generate(
             y = labels[b * batch_size : (b + 1) * batch_size]
             y = np.pad(y, (0, batch_size - len(y)))
             key = jax.random.fold_in(jax.random.key(seed), b)
-            images = jax.device_get(fn(params, key, jnp.asarray(y, jnp.int32)))
+            images = fn(params, key, jnp.asarray(y, jnp.int32))
+            if jax.process_count() > 1:  # every process gets the whole batch
+                images = multihost_utils.process_allgather(images, tiled=True)
+            images = jax.device_get(images)
             out.append(to_uint8(images)[: len(labels) - b * batch_size])
     return np.concatenate(out)[: len(labels)]
 

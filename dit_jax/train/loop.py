@@ -72,6 +72,7 @@ class Trainer:
         self.shardings = state_lib.state_shardings(cfg, self.spec, self.tx, self.mesh)
         self.step_fn = make_train_step(cfg, self.spec, self.tx, self.mesh, self.shardings)
         self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+        self._best: Checkpointer | None = None
 
     def abstract_state(self) -> state_lib.TrainState:
         return abstract_with_shardings(state_lib.abstract_state(self.cfg, self.spec, self.tx), self.shardings)
@@ -102,6 +103,52 @@ class Trainer:
             grid = grids.save_grid_png(path, images, labels, m.num_classes, per_class)
             writer.write_image(step, "samples", grid)
 
+    def evaluate(self, state: state_lib.TrainState, step: int, writer: MetricsWriter, data_iter) -> dict:
+        """Samples eval.num_samples images (sharded), computes the run's metrics, logs them as
+        eval/<name>, and keeps the best checkpoint by eval.best_metric in workdir/best."""
+        from dit_jax.eval import evaluate as eval_lib
+
+        cfg = self.cfg
+        labels = sampling.balanced_labels(cfg.eval.num_samples, cfg.model.num_classes)
+        images = sampling.generate(
+            cfg,
+            self.spec,
+            state.ema,
+            labels,
+            mesh=self.mesh,
+            seed=cfg.seed + 1,
+            batch_size=cfg.eval.batch_size,
+            progress=False,
+        )
+        metrics = eval_lib.run_metrics(cfg, images, labels if cfg.model.num_classes else None)
+        writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+        name = cfg.eval.best_metric
+        if not name:
+            return metrics
+        if name not in metrics:
+            raise config_lib.ConfigError(
+                f"config key 'eval.best_metric': {name!r} is not among the metrics {sorted(metrics)}"
+            )
+        best_dir = os.path.join(self.workdir, "best")
+        record = os.path.join(best_dir, "best.json")
+        old = None
+        if os.path.exists(record):
+            with open(record) as f:
+                old = json.load(f)["value"]
+        if eval_lib.is_better(name, metrics[name], old):
+            self._best = self._best or Checkpointer(best_dir, keep=1)
+            self._best.save(step, state, data_iter.get_state(), config_lib.to_dict(cfg))
+            self._best.wait()
+            if jax.process_index() == 0:
+                with open(record, "w") as f:
+                    json.dump({"metric": name, "value": metrics[name], "step": step}, f)
+        return metrics
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        if self._best is not None:
+            self._best.close()
+
 
 def train(
     cfg: config_lib.Config, workdir: str, mesh: jax.sharding.Mesh | None = None
@@ -120,7 +167,7 @@ def train(
         with jax.set_mesh(trainer.mesh):
             state = _run(trainer, state, data_iter, start, writer)
     finally:
-        trainer.checkpointer.close()
+        trainer.close()
         writer.close()
     return state
 
@@ -183,12 +230,14 @@ def _run(trainer: Trainer, state, data_iter, start: int, writer: MetricsWriter):
             drain()  # the previous step's metrics: fetched while this step runs
             pending.append((step, metrics))
             last = step == cfg.total_steps
-            if last or _every(step, cfg.checkpoint_every) or _every(step, cfg.sample_every):
+            if last or any(_every(step, n) for n in (cfg.checkpoint_every, cfg.sample_every, cfg.eval_every)):
                 drain()
             if last or _every(step, cfg.checkpoint_every):
                 trainer.save(state, data_iter)
             if _every(step, cfg.sample_every):
                 trainer.sample_grid(state, step, writer)
+            if _every(step, cfg.eval_every):
+                trainer.evaluate(state, step, writer, data_iter)
         drain()
     finally:
         progress.close()
