@@ -255,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     reference.add_argument("--output", required=True)
     reference.add_argument("--image_size", type=int, default=256, help="for a folder: centre-crop + resize")
     reference.add_argument("--inception_weights")
-    classifier = sub.add_parser("classifier", parents=[multi], help="train and cache the digits classifier for proxy metrics")
+    classifier = sub.add_parser(
+        "classifier", parents=[multi], help="train and cache the digits classifier for proxy metrics"
+    )
     classifier.add_argument("--config", default="configs/quickstart.py")
     return parser
 

@@ -8,7 +8,8 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same tiny programs (train, resume, sample): share compilations across
-# tests and xdist workers through JAX's persistent cache, kept in a temp directory (entries are keyed by program and JAX version).
+# tests and xdist workers through JAX's persistent cache in a temp directory (entries are keyed
+# by program and JAX version).
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "dit_jax_test_compile_cache")
 )

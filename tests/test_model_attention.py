@@ -19,7 +19,8 @@ def perturbed_params(cfg, key=0):
     params = nnx.split(build_model(cfg))[1].to_pure_dict()
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(key), len(leaves))
-    return tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)])
+    noisy = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+    return tree.unflatten(noisy)
 
 
 def forward(cfg, params):
