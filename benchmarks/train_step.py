@@ -91,8 +91,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (JAX then PyTorch in each round)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
-    parser.add_argument("--torch_reference", action="store_true",
-                        help="also time diffusers' DiTTransformer2DModel (needs the `torch` extra)")
+    parser.add_argument(
+        "--torch_reference",
+        action="store_true",
+        help="also time diffusers' DiTTransformer2DModel (needs the `torch` extra)",
+    )
     parser.add_argument("--torch_threads", type=int, default=0, help="0: the cores this process may use")
     return parser.parse_known_args(argv)
 
@@ -123,7 +126,9 @@ def jax_stepper(cfg) -> tuple[Callable[[], None], dict[str, Any]]:
     rng = np.random.default_rng(cfg.seed)
     m = cfg.model
     local = {
-        "x": rng.uniform(-1, 1, (cfg.batch_size, m.image_size, m.image_size, m.in_channels)).astype(np.float32),
+        "x": rng.uniform(-1, 1, (cfg.batch_size, m.image_size, m.image_size, m.in_channels)).astype(
+            np.float32
+        ),
         "y": rng.integers(0, max(m.num_classes, 1), (cfg.batch_size,)).astype(np.int32),
     }
     with jax.set_mesh(mesh):
@@ -163,7 +168,9 @@ def torch_stepper(cfg, threads: int) -> tuple[Callable[[], None], dict[str, Any]
         patch_size=m.patch_size,
         num_embeds_ada_norm=max(m.num_classes, 1),
     ).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay
+    )
     b = cfg.batch_size
     x0 = torch.rand(b, m.in_channels, m.image_size, m.image_size) * 2 - 1
     labels = torch.randint(0, max(m.num_classes, 1), (b,))
@@ -199,11 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_config(args.config, args.batch_size, overrides)
     device = jax.devices()[0]
     threads = args.torch_threads or len(os.sched_getaffinity(0))
-    print(f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}")
+    print(
+        f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}"
+    )
     m = cfg.model
-    print(f"model: depth {m.depth} width {m.hidden_size} heads {m.num_heads} patch {m.patch_size} "
-          f"image {m.image_size}x{m.image_size}x{m.in_channels}, dtype {m.dtype}, attention {cfg.attention.impl}, "
-          f"batch {cfg.batch_size}")
+    print(
+        f"model: depth {m.depth} width {m.hidden_size} heads {m.num_heads} patch {m.patch_size} "
+        f"image {m.image_size}x{m.image_size}x{m.in_channels}, dtype {m.dtype}, "
+        f"attention {cfg.attention.impl}, batch {cfg.batch_size}"
+    )
 
     jax_run, jax_info = jax_stepper(cfg)
     print(f"jax: {jax_info['num_params'] / 1e6:.2f}M params, compiled in {jax_info['compile_s']:.1f}s")
@@ -225,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             line.append(f"{name} {statistics.median(t) * 1e3:.1f} ms")
         ratio = ""
         if "torch" in runners:
-            last = {name: statistics.median(t[-args.steps:]) for name, t in times.items()}
+            last = {name: statistics.median(t[-args.steps :]) for name, t in times.items()}
             ratio = f"  (torch/jax {last['torch'] / last['jax']:.2f})"
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(line) + ratio)
 
@@ -252,14 +263,20 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": m.dtype,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
-    print(f"jax: {step_s * 1e3:.1f} ms/step, {result['img_per_s']:.1f} img/s, "
-          f"{result['tflops_per_s'] * 1e3:.1f} GFLOP/s" + (f", MFU {result['mfu']:.1%}" if peak else ""))
+    print(
+        f"jax: {step_s * 1e3:.1f} ms/step, {result['img_per_s']:.1f} img/s, "
+        f"{result['tflops_per_s'] * 1e3:.1f} GFLOP/s" + (f", MFU {result['mfu']:.1%}" if peak else "")
+    )
     if "torch" in runners:
         import torch
 
         torch_s = statistics.median(times["torch"])
-        result.update(torch_step_s=torch_s, speed_vs_torch=torch_s / step_s, torch=torch.__version__,
-                      torch_threads=torch_info["threads"])
+        result.update(
+            torch_step_s=torch_s,
+            speed_vs_torch=torch_s / step_s,
+            torch=torch.__version__,
+            torch_threads=torch_info["threads"],
+        )
         print(f"torch: {torch_s * 1e3:.1f} ms/step; JAX speed vs torch: {torch_s / step_s:.2f}x")
     if args.json:
         print(json.dumps(result))
