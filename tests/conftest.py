@@ -44,3 +44,9 @@ def tiny_config(data_dir):
         return cfg
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """Start the long end-to-end tests first, so that under xdist they overlap the short ones
+    instead of running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
