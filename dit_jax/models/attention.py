@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
@@ -41,11 +40,16 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         dtype = self.dtype or x_BLD.dtype
-        x = x_BLD.astype(dtype)
-        qkv_BL3HK = jnp.einsum("bld,dthk->blthk", x, self.w_qkv[...].astype(dtype))
-        qkv_BL3HK = qkv_BL3HK + self.b_qkv[...].astype(dtype)
+        b, length, d = x_BLD.shape
+        w_qkv = self.w_qkv[...].astype(dtype)
+        w_out = self.w_out[...].astype(dtype)
+        # Both projections as 2-D matmuls over the flattened tokens (the parameters are only viewed
+        # as [D, 3D] and [D, D]): the same math as the per-head einsums, but XLA:CPU then computes
+        # the weight gradients without transposed copies (see layers.Dense).
+        qkv = x_BLD.astype(dtype).reshape(b * length, d) @ w_qkv.reshape(d, -1)
+        qkv_BL3HK = qkv.reshape(b, length, *w_qkv.shape[1:]) + self.b_qkv[...].astype(dtype)
         qkv_BL3HK = constrain(qkv_BL3HK, ("act_batch", "act_seq", None, "act_heads", None))
         q, k, v = (qkv_BL3HK[:, :, i] for i in range(3))
         out_BLHK = pallas_kernels.attention(q, k, v, mask=self.mask, implementation=self.impl)
-        out = jnp.einsum("blhk,hkd->bld", out_BLHK, self.w_out[...].astype(dtype))
-        return out + self.b_out[...].astype(dtype)
+        out = out_BLHK.reshape(b * length, -1) @ w_out.reshape(-1, w_out.shape[-1])
+        return out.reshape(b, length, -1) + self.b_out[...].astype(dtype)

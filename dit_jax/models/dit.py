@@ -19,6 +19,7 @@ from dit_jax.models.layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
+    cpu_fusion_barrier,
     dense,
     layer_norm,
     modulate,
@@ -52,7 +53,7 @@ class DiTBlock(nnx.Module):
         x_BLD = x_BLD + gate_msa[:, None, :] * h
         h = self.mlp(modulate(layer_norm(x_BLD), shift_mlp, scale_mlp))
         x_BLD = x_BLD + gate_mlp[:, None, :] * h
-        return constrain(x_BLD, ACT_BLD)
+        return cpu_fusion_barrier(constrain(x_BLD, ACT_BLD))
 
 
 class FinalLayer(nnx.Module):

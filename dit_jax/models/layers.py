@@ -19,6 +19,53 @@ normal_002 = nnx.initializers.normal(stddev=0.02)
 zeros = nnx.initializers.zeros_init()
 
 
+class Dense(nnx.Linear):
+    """nnx.Linear (same parameters) applied as one 2-D matmul over all leading axes.
+
+    [B, L, D] @ [D, F] as a rank-3 dot_general makes XLA:CPU compute the weight gradient from a
+    transposed copy of the output gradient with a slow generic kernel; flattening to
+    [B*L, D] @ [D, F] gives it a plain x^T g matmul (about 2x faster on CPU, see
+    benchmarks/results/README.md). Elsewhere the reshapes are free.
+    """
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        if inputs.ndim <= 2:
+            return super().__call__(inputs, out_sharding)
+        lead = inputs.shape[:-1]
+        y = super().__call__(inputs.reshape(-1, inputs.shape[-1]), out_sharding)
+        return y.reshape(*lead, y.shape[-1])
+
+
+@jax.custom_vjp
+def _materialize_cotangent(x: jax.Array) -> jax.Array:
+    return x
+
+
+def _materialize_fwd(x: jax.Array) -> tuple[jax.Array, None]:
+    return x, None
+
+
+def _materialize_bwd(_, g: jax.Array) -> tuple[jax.Array]:
+    # XLA:CPU's loop fusion duplicates an elementwise producer into all its consumers when each of
+    # them can fuse it, and always duplicates "add(x, broadcast(y))". The residual stream's
+    # cotangent is a chain of such adds through every block, so each weight-gradient input fusion
+    # recomputed the chain from the last block: O(depth^2) work, 55% of a DiT-S/2 step. `g2` is an
+    # add of two full-size operands read by a reduction (a library call XLA cannot fuse into), so
+    # XLA writes it once. For finite g this is exactly g; a non-finite g stays non-finite.
+    g2 = g + (g - g)
+    r = jnp.sum(g2, axis=-1, keepdims=True)
+    return (g2 + (r - r),)
+
+
+_materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
+
+
+def cpu_fusion_barrier(x: jax.Array) -> jax.Array:
+    """Identity whose cotangent XLA:CPU materialises instead of recomputing it (see
+    `_materialize_bwd`); a plain identity when lowered for any other platform."""
+    return jax.lax.platform_dependent(x, cpu=_materialize_cotangent, default=lambda x: x)
+
+
 def dense(
     in_features: int,
     out_features: int,
@@ -29,9 +76,9 @@ def dense(
     param_dtype,
     kernel_init=xavier_uniform,
     bias_init=zeros,
-) -> nnx.Linear:
+) -> Dense:
     """A Linear layer whose kernel and bias carry logical axis names."""
-    return nnx.Linear(
+    return Dense(
         in_features,
         out_features,
         dtype=dtype,
