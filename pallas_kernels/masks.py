@@ -12,6 +12,7 @@ Per-batch masks (packed sequences, per-example key padding) are runtime data: `S
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 
@@ -47,21 +48,21 @@ def _kinds(nonempty: np.ndarray, full: np.ndarray) -> np.ndarray:
     return np.where(full, FULL, np.where(nonempty, PARTIAL, EMPTY)).astype(np.int8)
 
 
-class Mask:
+class Mask(abc.ABC):
     """Base class: subclasses are frozen dataclasses (hashable, usable as static jit arguments)."""
 
     #: whether `mask_fn` is pure index arithmetic (evaluable inside a Pallas kernel).
     in_kernel: bool = True
 
+    @abc.abstractmethod
     def mask_fn(self, q_idx, kv_idx):
         """True where query `q_idx` may attend to key `kv_idx` (broadcasting)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def classify(self, q_start, q_stop, kv_start, kv_stop) -> np.ndarray:
         """Block kinds [nq, nk] for 1-D block bounds (stops exclusive, clipped to the sequence)."""
-        raise NotImplementedError
 
-    def check_shape(self, seq_q: int, seq_kv: int) -> None:
+    def check_shape(self, seq_q: int, seq_kv: int) -> None:  # noqa: B027 - optional hook: fits any length
         """Raises ValueError when the mask does not fit these sequence lengths."""
 
     def batch_segments(self, batch: int, seq_q: int, seq_kv: int):
