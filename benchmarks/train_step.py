@@ -10,6 +10,12 @@ device peak is unknown, e.g. CPU), device, versions, config and batch. `--torch_
 times diffusers' `DiTTransformer2DModel` (eager, AdamW, MSE on eps) in the same process,
 alternating rounds of JAX and PyTorch steps so that both see the same machine load, and adds
 `torch_step_s` and `speed_vs_torch` (= torch_step_s / step_s; > 1 means JAX is faster).
+
+The PyTorch step is lighter than ours: no EMA update and no non-finite guard (both in the JAX
+step), and plain MSE on eps where a learn-sigma config adds the VLB term on our side; diffusers'
+DiT carries its own timestep/label embedder in every block (+7M parameters for S/2, negligible
+FLOPs). On a shared machine, pin the process (`taskset -c N ... --torch_threads=1`) for ratios
+that other processes' load does not skew; see benchmarks/results/README.md.
 """
 
 from __future__ import annotations
@@ -216,12 +222,17 @@ def main(argv: list[str] | None = None) -> int:
         f"attention {cfg.attention.impl}, batch {cfg.batch_size}"
     )
 
+    load_before = os.getloadavg()[0]  # other processes on the machine skew every timing; recorded
     jax_run, jax_info = jax_stepper(cfg)
     print(f"jax: {jax_info['num_params'] / 1e6:.2f}M params, compiled in {jax_info['compile_s']:.1f}s")
     runners = {"jax": jax_run}
     torch_info: dict[str, Any] = {}
     if args.torch_reference:
-        torch_run, torch_info = torch_stepper(cfg, threads)
+        try:
+            torch_run, torch_info = torch_stepper(cfg, threads)
+        except ImportError as e:
+            print(f"--torch_reference needs the `torch` extra (torch, diffusers): {e}", file=sys.stderr)
+            return 2
         print(f"torch: {torch_info['num_params'] / 1e6:.2f}M params, {torch_info['threads']} threads")
         runners["torch"] = torch_run
     for run in runners.values():
@@ -262,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         "attention": cfg.attention.impl,
         "dtype": m.dtype,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cores": len(os.sched_getaffinity(0)),
+        "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     print(
         f"jax: {step_s * 1e3:.1f} ms/step, {result['img_per_s']:.1f} img/s, "
