@@ -6,7 +6,10 @@ PIP := $(BIN)/python -m pip
 # 8 fake CPU devices, so sharded code paths run on any machine.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 WORKDIR ?= runs/quickstart
-PY312 ?= $(shell command -v python3.12 2>/dev/null || ( PYENV_VERSION=3.12.1 pyenv which python3.12 2>/dev/null ))
+# A Python 3.12 that really runs (a bare pyenv shim fails when 3.12 is not the active version).
+PY312 ?= $(shell for p in "$$(command -v python3.12)" \
+    "$$(PYENV_VERSION=$$(pyenv versions --bare 2>/dev/null | grep '^3\.12' | tail -n 1) pyenv which python3.12 2>/dev/null)"; \
+    do [ -n "$$p" ] && "$$p" --version >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 
 .PHONY: install install-dev quickstart test lint format bench test-py312 clean
 
