@@ -63,6 +63,12 @@ class Model:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    # Conventions of other implementations, for loading their weights exactly:
+    # timestep_freq_shift: sinusoid frequencies exp(-ln(10^4) i / (half - shift)); 0 = DiT/ADM,
+    #   1 = diffusers' DiTTransformer2DModel (Timesteps(downscale_freq_shift=1)).
+    # mlp_norm_eps: epsilon of the LayerNorm before the MLP; 1e-6 = DiT, 1e-5 = diffusers.
+    timestep_freq_shift: int = 0
+    mlp_norm_eps: float = 1e-6
 
     def __post_init__(self):
         for key in ("image_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
@@ -80,6 +86,8 @@ class Model:
         )
         _check(self.num_classes >= 0, "model.num_classes", "must be >= 0 (0 = unconditional)")
         _check(0.0 <= self.class_dropout < 1.0, "model.class_dropout", "must be in [0, 1)")
+        _check(self.timestep_freq_shift in (0, 1), "model.timestep_freq_shift", "must be 0 or 1")
+        _check(self.mlp_norm_eps > 0, "model.mlp_norm_eps", "must be positive")
         _check_choice(self.dtype, "model.dtype", DTYPES)
         _check_choice(self.param_dtype, "model.param_dtype", DTYPES)
 

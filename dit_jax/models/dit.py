@@ -45,13 +45,14 @@ class DiTBlock(nnx.Module):
         self.attn = SelfAttention(d, cfg.num_heads, impl=attention_impl, mask=attention_mask, **kw)
         self.mlp = Mlp(d, int(d * cfg.mlp_ratio), **kw)
         self.adaln = dense(d, 6 * d, ("embed", "adaln"), kernel_init=zeros, **kw)
+        self.mlp_norm_eps = cfg.mlp_norm_eps
 
     def __call__(self, x_BLD: jax.Array, c_BD: jax.Array) -> jax.Array:
         mod = self.adaln(jax.nn.silu(c_BD))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         h = self.attn(modulate(layer_norm(x_BLD), shift_msa, scale_msa))
         x_BLD = x_BLD + gate_msa[:, None, :] * h
-        h = self.mlp(modulate(layer_norm(x_BLD), shift_mlp, scale_mlp))
+        h = self.mlp(modulate(layer_norm(x_BLD, self.mlp_norm_eps), shift_mlp, scale_mlp))
         x_BLD = x_BLD + gate_mlp[:, None, :] * h
         return cpu_fusion_barrier(constrain(x_BLD, ACT_BLD))
 
@@ -83,7 +84,7 @@ class DiT(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
         d = cfg.hidden_size
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_channels, d, **kw)
-        self.t_embedder = TimestepEmbedder(d, **kw)
+        self.t_embedder = TimestepEmbedder(d, freq_shift=cfg.timestep_freq_shift, **kw)
         self.y_embedder = (
             LabelEmbedder(cfg.num_classes, d, cfg.class_dropout, rngs=rngs, param_dtype=kw["param_dtype"])
             if cfg.num_classes

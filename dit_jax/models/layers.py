@@ -103,10 +103,15 @@ def modulate(x_BLD: jax.Array, shift_BD: jax.Array, scale_BD: jax.Array) -> jax.
     return x_BLD * (1 + scale_BD[:, None, :]) + shift_BD[:, None, :]
 
 
-def timestep_sinusoids(t_B: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
-    """DiT/ADM timestep features [cos, sin] in float32 (t may be fractional)."""
+def timestep_sinusoids(
+    t_B: jax.Array, dim: int, max_period: float = 10_000.0, freq_shift: int = 0
+) -> jax.Array:
+    """DiT/ADM timestep features [cos, sin] in float32 (t may be fractional).
+
+    Frequencies exp(-ln(max_period) i / (half - freq_shift)); diffusers' DiT uses freq_shift=1.
+    """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
     args = t_B.astype(jnp.float32)[:, None] * freqs[None]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:
@@ -133,14 +138,19 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
 class TimestepEmbedder(nnx.Module):
     """Sinusoidal features of t (float32) followed by a two-layer SiLU MLP."""
 
-    def __init__(self, hidden: int, *, rngs: nnx.Rngs, dtype, param_dtype, freq_dim: int = 256):
+    def __init__(
+        self, hidden: int, *, rngs: nnx.Rngs, dtype, param_dtype, freq_dim: int = 256, freq_shift: int = 0
+    ):
         self.freq_dim = freq_dim
+        self.freq_shift = freq_shift
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, kernel_init=normal_002)
         self.fc1 = dense(freq_dim, hidden, (None, "embed"), **kw)
         self.fc2 = dense(hidden, hidden, ("embed", "embed_out"), **kw)
 
     def __call__(self, t_B: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.silu(self.fc1(timestep_sinusoids(t_B, self.freq_dim))))
+        return self.fc2(
+            jax.nn.silu(self.fc1(timestep_sinusoids(t_B, self.freq_dim, freq_shift=self.freq_shift)))
+        )
 
 
 class LabelEmbedder(nnx.Module):
