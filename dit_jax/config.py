@@ -140,6 +140,13 @@ class Objective:
       t' = shift t / (1 + (shift - 1) t).
     kind="ddpm": epsilon prediction with DiT's linear beta schedule over `num_timesteps` steps;
       with model.learn_sigma the variational bound term of ADM's hybrid loss is added.
+
+    How a flow network sees time (to train or load models of other code bases):
+    `time_scale`: the timestep embedder receives time_scale * t (1000 here; 1 for SiT, REPA and
+      LightningDiT). `time_direction`: "data_to_noise" (t = 0 is data, the network predicts
+      noise - data; REPA) or "noise_to_data" (the network sees 1 - t, so 1 is data, and predicts
+      data - noise; SiT, LightningDiT). `velocity_cosine_weight`: LightningDiT's velocity direction
+      loss, weight * (1 - cos(v_pred, v)) over channels, averaged over pixels, added to the MSE.
     """
 
     kind: str = "flow"
@@ -150,9 +157,21 @@ class Objective:
     num_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    time_scale: float = 1000.0
+    time_direction: str = "data_to_noise"
+    velocity_cosine_weight: float = 0.0
 
     def __post_init__(self):
         _check_choice(self.kind, "objective.kind", ("flow", "ddpm"))
+        _check(self.time_scale > 0, "objective.time_scale", "must be positive")
+        _check_choice(self.time_direction, "objective.time_direction", ("data_to_noise", "noise_to_data"))
+        _check(self.velocity_cosine_weight >= 0, "objective.velocity_cosine_weight", "must be >= 0")
+        _check(
+            self.kind == "flow"
+            or (self.time_direction == "data_to_noise" and self.velocity_cosine_weight == 0),
+            "objective.time_direction",
+            "time_direction and velocity_cosine_weight apply to kind='flow' only",
+        )
         _check_choice(self.t_sampling, "objective.t_sampling", ("uniform", "logit_normal"))
         _check(self.shift > 0, "objective.shift", "must be positive")
         _check(self.logit_std > 0, "objective.logit_std", "must be positive")

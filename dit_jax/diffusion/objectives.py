@@ -1,7 +1,8 @@
 """Training objectives: what to noise, what to predict, and the per-example loss.
 
 kind="flow" (rectified flow): x_t = (1 - t) x0 + t eps, target v = eps - x0, t in [0, 1], the
-network sees 1000 t. With learn_sigma the extra output channels are ignored by the loss (a flow
+network sees time_scale * t (1000 by default). With time_direction "noise_to_data" (SiT's
+convention) the network sees time_scale * (1 - t) and its target is x0 - eps = -v. With learn_sigma the extra output channels are ignored by the loss (a flow
 model has no variance to learn; they are kept only so that one backbone serves both objectives).
 
 kind="ddpm": integer t in [0, T), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, target eps, the
@@ -135,6 +136,13 @@ def vlb_bits_per_dim(
     return jnp.where(t_B == 0, _batch_mean(nll), _batch_mean(kl)) / _LOG2
 
 
+def cosine_similarity(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """Cosine similarity over the last axis, as torch.nn.functional.cosine_similarity: each norm is
+    clamped to eps."""
+    norm = lambda x: jnp.maximum(jnp.linalg.norm(x, axis=-1), eps)
+    return jnp.sum(a * b, axis=-1) / (norm(a) * norm(b))
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """A training objective; hashable, so it can be a static argument of jit."""
@@ -162,7 +170,7 @@ class Objective:
         if self.kind == "flow":
             t_B = timesteps.sample_flow_time(key_t, batch_size, self.cfg)
             t = _bcast(t_B, x0.ndim)
-            return (1.0 - t) * x0 + t * eps, t_B, eps - x0
+            return (1.0 - t) * x0 + t * eps, t_B, self._velocity_sign * (eps - x0)
         schedule = self.schedule
         t_B = jax.random.randint(key_t, (batch_size,), 0, schedule.num_timesteps, jnp.int32)
         x_t = (
@@ -171,11 +179,26 @@ class Objective:
         )
         return x_t, t_B, eps
 
+    @property
+    def _velocity_sign(self) -> float:
+        """+1 if the network predicts dx_t/dt = eps - x0, -1 if it predicts x0 - eps (noise_to_data)."""
+        return -1.0 if self.cfg.time_direction == "noise_to_data" else 1.0
+
     def model_time(self, t_B: jax.Array) -> jax.Array:
-        """The timestep the network's embedder receives, f32 [B]: 1000 t (flow) or t (ddpm)."""
+        """The timestep the network's embedder receives, f32 [B].
+
+        flow: time_scale * t, or time_scale * (1 - t) for "noise_to_data"; ddpm: the integer t.
+        """
+        t_B = t_B.astype(jnp.float32)
         if self.kind == "flow":
-            return 1000.0 * t_B.astype(jnp.float32)
-        return t_B.astype(jnp.float32)
+            if self.cfg.time_direction == "noise_to_data":
+                t_B = 1.0 - t_B
+            return self.cfg.time_scale * t_B
+        return t_B
+
+    def velocity(self, model_out: jax.Array) -> jax.Array:
+        """Flow only: dx_t/dt (t = 0 data, t = 1 noise) from the network's first C output channels."""
+        return self._velocity_sign * model_out.astype(jnp.float32)
 
     def loss(
         self, model_out: jax.Array, x0: jax.Array, x_t: jax.Array, t_B: jax.Array, target: jax.Array
@@ -188,7 +211,10 @@ class Objective:
                 f"{(2 if self.learn_sigma else 1) * num_channels} (learn_sigma={self.learn_sigma})"
             )
         model_out = model_out.astype(jnp.float32)
-        mse = _batch_mean(jnp.square(target.astype(jnp.float32) - model_out[..., :num_channels]))
+        pred, target = model_out[..., :num_channels], target.astype(jnp.float32)
+        mse = _batch_mean(jnp.square(target - pred))
+        if self.kind == "flow" and self.cfg.velocity_cosine_weight > 0:
+            return mse + self.cfg.velocity_cosine_weight * _batch_mean(1.0 - cosine_similarity(pred, target))
         if self.kind == "ddpm" and self.learn_sigma:
             return mse + vlb_bits_per_dim(self.schedule, model_out, x0, x_t.astype(jnp.float32), t_B)
         return mse

@@ -58,7 +58,7 @@ def _flow_sample(guided_fn: _GuidedFn, objective: Objective, cfg: config.Sampler
 
     def velocity(x, t, use):
         t_model = objective.model_time(jnp.full((batch_size,), t, jnp.float32))
-        return guided_fn(x, t_model, use)[..., :num_channels]
+        return objective.velocity(guided_fn(x, t_model, use)[..., :num_channels])
 
     def euler_step(x, step):
         t_cur, t_next, use_cur = step[:3]
