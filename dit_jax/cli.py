@@ -1,4 +1,4 @@
-"""`dit-jax` command line: train and sample. Thin: parses, then calls the library.
+"""`dit-jax` command line: train, sample, eval, encode. Thin: parses, then calls the library.
 
 User errors (bad config, missing files, damaged checkpoints, bad data) end with one line on
 stderr and exit code 2, never a traceback.
@@ -206,6 +206,27 @@ def _load_image_folder(folder: str, size: int):
     return np.stack(out)
 
 
+def cmd_encode(args, overrides: list[str]) -> None:
+    from dit_jax.config import ConfigError
+    from dit_jax.data import encode
+
+    if overrides:
+        raise ConfigError(f"unrecognised arguments: {' '.join(overrides)}; see `dit-jax encode --help`")
+    options = encode.EncodeOptions(
+        **{
+            f: getattr(args, f)
+            for f in encode.EncodeOptions.__dataclass_fields__
+            if getattr(args, f, None) is not None
+        }
+    )
+    info, written = encode.encode(options)
+    print(
+        f"latents data set at {os.path.abspath(args.output)}: {info.num_examples} examples, latents "
+        f"{'x'.join(map(str, info.latent_shape))} ({info.dtype}{', with flipped' if info.hflip else ''}), "
+        f"{info.num_classes} classes; this process wrote {written} of {info.num_shards} shards"
+    )
+
+
 def cmd_classifier(args, overrides: list[str]) -> None:
     from dit_jax import config as config_lib
     from dit_jax.eval import load_or_train_classifier
@@ -255,6 +276,21 @@ def build_parser() -> argparse.ArgumentParser:
     reference.add_argument("--output", required=True)
     reference.add_argument("--image_size", type=int, default=256, help="for a folder: centre-crop + resize")
     reference.add_argument("--inception_weights")
+    enc = sub.add_parser(
+        "encode", parents=[multi], help="precompute VAE latents of a data set (sharded, resumable)"
+    )
+    enc.add_argument("--data", required=True, help="'digits' or a folder with one sub-folder per class")
+    enc.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder (config.json + weights)")
+    enc.add_argument("--output", required=True, help="folder of the latents data set (re-run to resume)")
+    enc.add_argument("--image_size", type=int, default=256, help="center crop + resize to this (pixels)")
+    enc.add_argument("--hflip", action="store_true", help="also store latents of the flipped images")
+    enc.add_argument("--batch_size", type=int, default=32, help="images per device per step")
+    enc.add_argument("--data_dir", default="", help="where digits are prepared (default ~/.cache/dit_jax)")
+    enc.add_argument("--split", default="train")
+    enc.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored precision")
+    enc.add_argument("--shard_size", type=int, default=1024, help="examples per shard file")
+    enc.add_argument("--num_workers", type=int, default=8, help="image reading threads per process")
+    enc.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
     classifier = sub.add_parser(
         "classifier", parents=[multi], help="train and cache the digits classifier for proxy metrics"
     )
@@ -301,12 +337,18 @@ def main(argv: list[str] | None = None) -> int:
             "eval": cmd_eval,
             "reference": cmd_reference,
             "classifier": cmd_classifier,
+            "encode": cmd_encode,
         }
         commands[args.command](args, overrides)
     except user_errors as e:
         print(f"dit-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"dit-jax {args.command}: interrupted; the last completed checkpoint is kept", file=sys.stderr)
+        kept = (
+            "finished shards are kept; re-run the same command to resume"
+            if args.command == "encode"
+            else "the last completed checkpoint is kept"
+        )
+        print(f"dit-jax {args.command}: interrupted; {kept}", file=sys.stderr)
         return 130
     return 0

@@ -48,7 +48,9 @@ def _check_choice(value: Any, key: str, choices: tuple) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """DiT backbone (Peebles & Xie). `dit_variant("XL/2")` gives the published sizes."""
+    """DiT backbone (Peebles & Xie), with the options of SiT, REPA and LightningDiT.
+
+    `dit_variant("XL/2")` gives the published sizes."""
 
     image_size: int = 32
     in_channels: int = 4
@@ -69,6 +71,26 @@ class Model:
     # mlp_norm_eps: epsilon of the LayerNorm before the MLP; 1e-6 = DiT, 1e-5 = diffusers.
     timestep_freq_shift: int = 0
     mlp_norm_eps: float = 1e-6
+    # Architecture options of SiT / REPA / LightningDiT (defaults: the plain DiT):
+    # mlp: "gelu" (DiT's fc1-GELU(tanh)-fc2, hidden int(D mlp_ratio)) or "swiglu" (LightningDiT:
+    #   silu(x W1) * (x W2) W3, hidden int(2/3 int(D mlp_ratio))).
+    # norm: "layernorm" (DiT: affine-free LayerNorm, eps 1e-6) or "rmsnorm" (LightningDiT: RMSNorm
+    #   with a learned scale, eps 1e-6) for the two block norms and the final norm.
+    # qk_norm: normalise queries and keys per head before attention: an affine LayerNorm (eps 1e-5,
+    #   timm's qk_norm, as REPA's SiT) under norm="layernorm", an RMSNorm with scale under "rmsnorm".
+    # rope: 2-D rotary embedding of q and k on the patch grid (LightningDiT's EVA-02
+    #   VisionRotaryEmbeddingFast: first half of each head rotated by the row, second by the column),
+    #   on top of the fixed sin-cos position table; needs head_dim % 4 == 0.
+    # repa_depth: REPA's encoder_depth, the number of blocks after which the hidden states go through
+    #   the projector (Linear-SiLU-Linear-SiLU-Linear, widths repa_projector_dim and
+    #   repa_feature_dim) for the alignment loss; 0 = no projector.
+    mlp: str = "gelu"
+    norm: str = "layernorm"
+    qk_norm: bool = False
+    rope: bool = False
+    repa_depth: int = 0
+    repa_projector_dim: int = 2048
+    repa_feature_dim: int = 768
 
     def __post_init__(self):
         for key in ("image_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
@@ -90,6 +112,30 @@ class Model:
         _check(self.mlp_norm_eps > 0, "model.mlp_norm_eps", "must be positive")
         _check_choice(self.dtype, "model.dtype", DTYPES)
         _check_choice(self.param_dtype, "model.param_dtype", DTYPES)
+        _check_choice(self.mlp, "model.mlp", ("gelu", "swiglu"))
+        _check_choice(self.norm, "model.norm", ("layernorm", "rmsnorm"))
+        _check(self.mlp_ratio > 0, "model.mlp_ratio", "must be positive")
+        _check(self.mlp_hidden_size > 0, "model.mlp_ratio", f"gives an empty MLP ({self.mlp_hidden_size})")
+        head_dim = self.hidden_size // self.num_heads
+        _check(
+            not self.rope or head_dim % 4 == 0,
+            "model.rope",
+            f"2-D RoPE needs a head dimension divisible by 4, got {head_dim} "
+            f"(hidden_size {self.hidden_size} / num_heads {self.num_heads})",
+        )
+        _check(
+            0 <= self.repa_depth <= self.depth,
+            "model.repa_depth",
+            f"must be in [0, depth={self.depth}] (0 = no REPA projector), got {self.repa_depth}",
+        )
+        for key in ("repa_projector_dim", "repa_feature_dim"):
+            _check(getattr(self, key) > 0, f"model.{key}", "must be positive")
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        """Width of the MLP's hidden layer (each of the two SwiGLU branches for mlp="swiglu")."""
+        hidden = int(self.hidden_size * self.mlp_ratio)
+        return int(2 / 3 * hidden) if self.mlp == "swiglu" else hidden
 
     @property
     def out_channels(self) -> int:
@@ -255,8 +301,13 @@ class Data:
     """Training data.
 
     source: "digits" (scikit-learn handwritten digits, TFDS/ArrayRecord), "image_folder"
-    (`path` = folder of class sub-folders), or "synthetic" (random, same element spec).
-    Elements are {"x": float32 [H, W, C] in [-1, 1], "y": int32}.
+    (`path` = folder of class sub-folders), "synthetic" (random, same element spec), or "latents"
+    (`path` = a data set written by `dit-jax encode`).
+    Elements are {"x": float32 [H, W, C] in [-1, 1], "y": int32}; for "latents", x is a VAE latent
+    sample times the VAE's scaling factor, and image_size / channels are the latent's size and
+    channels. Where the latents data set stores flipped latents, plain or flipped is drawn at
+    random; hflip=True demands them. `vae`: the diffusers VAE that decodes samples of a latents
+    run ("" = the one recorded in the data set).
     """
 
     source: str = "synthetic"
@@ -267,13 +318,19 @@ class Data:
     num_classes: int = 1000
     num_workers: int = 0
     hflip: bool = False
+    vae: str = ""
 
     def __post_init__(self):
-        _check_choice(self.source, "data.source", ("digits", "image_folder", "synthetic"))
+        _check_choice(self.source, "data.source", ("digits", "image_folder", "synthetic", "latents"))
         _check(
             self.source != "image_folder" or bool(self.path),
             "data.path",
             "data.source='image_folder' needs data.path, a folder with one sub-folder per class",
+        )
+        _check(
+            self.source != "latents" or bool(self.path),
+            "data.path",
+            "data.source='latents' needs data.path, a folder written by `dit-jax encode`",
         )
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
 
@@ -300,6 +357,20 @@ class Eval:
 
 
 @dataclasses.dataclass(frozen=True)
+class Repa:
+    """REPA representation alignment (dit_jax.train.repa): `weight` (REPA's proj_coeff, 0.5 in the
+    paper; 0 = off) times the alignment loss between the model's projector output after
+    model.repa_depth blocks and the frozen `encoder`'s patch features of the clean image."""
+
+    weight: float = 0.0
+    encoder: str = "digits_classifier"
+
+    def __post_init__(self):
+        _check(self.weight >= 0, "repa.weight", "must be >= 0 (0 disables REPA)")
+        _check_choice(self.encoder, "repa.encoder", ("digits_classifier",))
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     seed: int = 0
     total_steps: int = 1000
@@ -319,6 +390,7 @@ class Config:
     optim: Optim = Optim()
     data: Data = Data()
     eval: Eval = Eval()
+    repa: Repa = Repa()
 
     def __post_init__(self):
         _check(self.total_steps > 0, "total_steps", "must be positive")
@@ -340,6 +412,11 @@ class Config:
                 f"{self.objective.num_timesteps} training timesteps",
             )
         m, d = self.model, self.data
+        _check(
+            self.repa.weight == 0 or m.repa_depth > 0,
+            "model.repa_depth",
+            "repa.weight > 0 needs the REPA projector: set model.repa_depth to REPA's encoder depth",
+        )
         window = self.attention.window()
         grid = m.image_size // m.patch_size
         _check(

@@ -1,4 +1,9 @@
-"""Generating images from a trained model: jitted, sharded over the data-parallel axes."""
+"""Generating images from a trained model: jitted, sharded over the data-parallel axes.
+
+A model trained on VAE latents (data.source = "latents") has its samples decoded to pixels by the
+VAE (z / scaling_factor + shift_factor -> decode -> [-1, 1]), sharded like the sampling, so the
+images returned (and written to samples.npz) are always uint8 pixels.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from dit_jax import config as config_lib
+from dit_jax.data import latents as latents_lib
+from dit_jax.data.errors import DataError
 from dit_jax.diffusion import make_objective, sample
 from dit_jax.parallel import mesh as mesh_lib
 from dit_jax.train.state import ModelSpec, apply_model
@@ -25,6 +32,44 @@ def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
 def to_uint8(x: np.ndarray | jax.Array) -> np.ndarray:
     """[-1, 1] floats -> uint8 0..255 (round to nearest, as in the DiT/ADM sample scripts)."""
     return np.asarray(jnp.clip(jnp.round((jnp.asarray(x) + 1) * 127.5), 0, 255).astype(jnp.uint8))
+
+
+class LatentDecoder:
+    """jit(z_BHWC diffusion latents) -> images [B, H', W', C'] in [-1, 1], batch split over the
+    data-parallel axes, VAE weights replicated. Scaling and shift come from the latents data set."""
+
+    def __init__(self, vae_path: str, info: latents_lib.LatentsInfo, mesh):
+        from flax import nnx
+
+        from dit_jax.interop import load_diffusers_vae
+
+        vae = load_diffusers_vae(vae_path)
+        if vae.cfg.latent_channels != info.latent_shape[-1]:
+            raise DataError(
+                f"the VAE {vae_path!r} has {vae.cfg.latent_channels} latent channels but the data set "
+                f"was encoded with {info.latent_shape[-1]}; set data.vae to the VAE used by `dit-jax encode`"
+            )
+        graphdef, params = nnx.split(vae)
+        self.params = jax.device_put(params, mesh_lib.replicated(mesh))
+        scale, shift = info.scaling_factor, info.shift_factor
+
+        def run(params, z_BHWC):
+            model = nnx.merge(graphdef, params)
+            return jnp.clip(model.decode(z_BHWC.astype(jnp.float32) / scale + shift), -1.0, 1.0)
+
+        batch = mesh_lib.batch_sharding(mesh)
+        self._fn = jax.jit(run, in_shardings=(mesh_lib.replicated(mesh), batch), out_shardings=batch)
+
+    def __call__(self, z_BHWC: jax.Array) -> jax.Array:
+        return self._fn(self.params, z_BHWC)
+
+
+def make_decoder(cfg: config_lib.Config, mesh) -> LatentDecoder | None:
+    """The VAE decoder of a latents run (data.vae, else the data set's VAE); None in pixel space."""
+    if cfg.data.source != "latents":
+        return None
+    info = latents_lib.load_info(cfg.data.path)
+    return LatentDecoder(latents_lib.vae_path(cfg.data, info), info, mesh)
 
 
 def make_sample_fn(cfg: config_lib.Config, spec: ModelSpec, sampler: config_lib.Sampler, mesh):
@@ -65,10 +110,13 @@ def generate(
     batch_size: int = 256,
     sampler: config_lib.Sampler | None = None,
     progress: bool = True,
+    decoder: LatentDecoder | None = None,
 ) -> np.ndarray:
     """Samples one image per label; returns uint8 [N, H, W, C]. Batches are padded to a multiple
-    of the data-parallel size; batch b uses key fold_in(seed, b)."""
+    of the data-parallel size; batch b uses key fold_in(seed, b). A latents run's samples are
+    decoded by `decoder` (default: `make_decoder(cfg, mesh)`, which loads the VAE)."""
     sampler = sampler or cfg.sampler
+    decoder = decoder or make_decoder(cfg, mesh)
     dp = mesh_lib.data_parallel_size(mesh)
     batch_size = max(dp, batch_size // dp * dp)
     fn = make_sample_fn(cfg, spec, sampler, mesh)
@@ -85,6 +133,8 @@ def generate(
             y = np.pad(y, (0, batch_size - len(y)))
             key = jax.random.fold_in(jax.random.key(seed), b)
             images = fn(params, key, jnp.asarray(y, jnp.int32))
+            if decoder is not None:
+                images = decoder(images)
             if jax.process_count() > 1:  # every process gets the whole batch
                 images = multihost_utils.process_allgather(images, tiled=True)
             images = jax.device_get(images)

@@ -4,7 +4,8 @@
     batch = next(it)  # {"x": float32 [B / processes, H, W, C] in [-1, 1], "y": int32 [B / processes]}
     state = it.get_state()  # JSON-serialisable; it.set_state(state) on a fresh iterator resumes
 
-Importing has no side effects; TFDS data sets are prepared on first use.
+Importing has no side effects; TFDS data sets are prepared on first use. `data.source = "latents"`
+reads VAE latents written by `dit-jax encode` (dit_jax.data.encode; format in dit_jax.data.latents).
 """
 
 from dit_jax.data.errors import DataError

@@ -20,10 +20,12 @@ from absl import flags
 
 from dit_jax import config
 from dit_jax.data.errors import DataError
+from dit_jax.data.latents import LatentSampler
 from dit_jax.data.sources import make_source
 
 _SHUFFLE_STREAM = 0
 _FLIP_STREAM = 1
+_LATENT_STREAM = 2
 _READ_THREADS = 4
 _PREFETCH_BATCHES = 8
 
@@ -95,9 +97,12 @@ def make_dataset(
     batch = local_batch_size(global_batch_size, process_count)
     # ShuffleMapDataset reshuffles each epoch (its seed advances with index // len), and
     # RepeatMapDataset passes stream positions through, so positions beyond one epoch stay distinct.
-    dataset = grain.MapDataset.source(make_source(cfg, split))
+    source = make_source(cfg, split)
+    dataset = grain.MapDataset.source(source)
     dataset = dataset.shuffle(seed=_derived_seed(seed, _SHUFFLE_STREAM)).repeat()
-    if cfg.hflip:
+    if cfg.source == "latents":  # noise (and the flipped-or-not choice) per stream position
+        dataset = dataset.map_with_index(LatentSampler(_derived_seed(seed, _LATENT_STREAM), source.info))
+    elif cfg.hflip:
         dataset = dataset.map_with_index(RandomHorizontalFlip(_derived_seed(seed, _FLIP_STREAM)))
     dataset = dataset.batch(batch, drop_remainder=True)[process_index::process_count]
     read = grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)

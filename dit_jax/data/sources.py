@@ -17,7 +17,7 @@ from grain.experimental import ShapeDtypeStruct
 from PIL import Image
 
 from dit_jax import config
-from dit_jax.data import digits, image_folder, synthetic
+from dit_jax.data import digits, image_folder, latents, synthetic
 from dit_jax.data.errors import DataError
 
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "dit_jax", "datasets")
@@ -155,10 +155,16 @@ def _check_matches(cfg: config.Data, source: TfdsImageSource) -> None:
         )
 
 
-def make_source(cfg: config.Data, split: str = "train") -> TfdsImageSource | synthetic.SyntheticSource:
-    """Random-access source (len, [i], element_spec) of `split`, preparing TFDS data on first use."""
+def make_source(
+    cfg: config.Data, split: str = "train"
+) -> TfdsImageSource | synthetic.SyntheticSource | latents.LatentSource:
+    """Random-access source (len, [i], element_spec) of `split`, preparing TFDS data on first use.
+
+    A latents source yields the stored posterior; the pipeline draws {"x", "y"} from it."""
     if cfg.image_size <= 0:
         raise DataError(f"data.image_size={cfg.image_size} must be positive")
+    if cfg.source == "latents":
+        return latents.make_source(cfg, split)
     if cfg.source == "synthetic":
         _check_split(cfg, split, list(synthetic.SPLIT_LENGTHS))
         return synthetic.SyntheticSource(
@@ -178,14 +184,17 @@ def num_examples(cfg: config.Data, split: str = "train") -> int:
 
 
 def load_split_arrays(cfg: config.Data, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """A whole split in memory: images float32 [N, H, W, C] in [-1, 1] and int32 labels [N]."""
+    """A whole split in memory: images float32 [N, H, W, C] in [-1, 1] and int32 labels [N].
+
+    For latents: the posterior means, scaled as the diffusion model sees them."""
     source = make_source(cfg, split)
-    spec = source.element_spec
-    images = np.empty((len(source), *spec["x"].shape), np.float32)
+    is_latent = isinstance(source, latents.LatentSource)
+    shape = source.info.latent_shape if is_latent else source.element_spec["x"].shape
+    images = np.empty((len(source), *shape), np.float32)
     labels = np.empty((len(source),), np.int32)
     for start in range(0, len(source), _LOAD_CHUNK):
         stop = min(start + _LOAD_CHUNK, len(source))
         for offset, element in enumerate(source.__getitems__(range(start, stop))):
-            images[start + offset] = element["x"]
+            images[start + offset] = latents.mode_latent(element, source.info) if is_latent else element["x"]
             labels[start + offset] = element["y"]
     return images, labels

@@ -2,8 +2,9 @@
 
 kind="flow" (rectified flow): x_t = (1 - t) x0 + t eps, target v = eps - x0, t in [0, 1], the
 network sees time_scale * t (1000 by default). With time_direction "noise_to_data" (SiT's
-convention) the network sees time_scale * (1 - t) and its target is x0 - eps = -v. With learn_sigma the extra output channels are ignored by the loss (a flow
-model has no variance to learn; they are kept only so that one backbone serves both objectives).
+convention) the network sees time_scale * (1 - t) and its target is x0 - eps = -v. With
+learn_sigma the extra output channels are ignored by the loss (a flow model has no variance to
+learn; they are kept only so that one backbone serves both objectives).
 
 kind="ddpm": integer t in [0, T), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, target eps, the
 network sees t as a float. With learn_sigma the loss is ADM's hybrid objective (LossType.MSE with

@@ -39,6 +39,7 @@ from dit_jax.eval.samples_io import EvalError, check_enough_samples
 
 CLASSIFIER_VERSION = "digits-cnn-v1"  # bump when the architecture or the training recipe changes
 FEATURE_DIM = 64
+CLASSIFIER_WIDTH = 16  # channels of the first convolution; the second has twice as many
 COPY_DISTANCE = 0.02
 TRAIN_STEPS = 800
 BATCH_SIZE = 128
@@ -68,7 +69,15 @@ class Conv3x3(nnx.Module):
 class ClassifierNet(nnx.Module):
     """Two 3x3 convolutions (the second with stride 2), a FEATURE_DIM-d feature layer and a linear head."""
 
-    def __init__(self, image_size: int, channels: int, num_classes: int, width: int = 16, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        image_size: int,
+        channels: int,
+        num_classes: int,
+        width: int = CLASSIFIER_WIDTH,
+        *,
+        rngs: nnx.Rngs,
+    ):
         self.conv1 = Conv3x3(channels, width, rngs=rngs)
         self.conv2 = Conv3x3(width, 2 * width, stride=2, rngs=rngs)
         reduced = -(-image_size // 2)
@@ -190,6 +199,22 @@ class DigitsClassifier:
         self._state = state
         self._apply = jax.jit(lambda state, x: _logits_and_features(nnx.merge(graphdef, state), x))
         self._reference: dict | None = None  # train/test arrays and features, built on first use
+
+    def spatial_features_fn(self):
+        """A jax function: images [B, H, W, C] in [-1, 1] -> the second convolution's activations
+        [B, ceil(H/2), ceil(W/2), 2 * width], the classifier's patch-level features (REPA's target
+        in the digits recipes). The trained weights are closed over as constants."""
+        graphdef, state = nnx.split(self._model_abstract(), nnx.Param)
+        nnx.replace_by_pure_dict(state, _unflatten(self.params))
+
+        def spatial_features(x_BHWC: jax.Array) -> jax.Array:
+            model = nnx.merge(graphdef, state)
+            return nnx.gelu(model.conv2(nnx.gelu(model.conv1(x_BHWC.astype(jnp.float32)))))
+
+        return spatial_features
+
+    def _model_abstract(self) -> ClassifierNet:
+        return nnx.eval_shape(lambda: _new_model(self.data_cfg))
 
     def logits_and_features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits [N, K] and penultimate features [N, FEATURE_DIM], in jitted chunks."""

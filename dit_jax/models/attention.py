@@ -1,4 +1,5 @@
-"""Multi-head self-attention: fused QKV projection, kernel from `pallas_kernels.attention`."""
+"""Multi-head self-attention: fused QKV projection, optional qk-norm and 2-D RoPE, kernel from
+`pallas_kernels.attention`."""
 
 from __future__ import annotations
 
@@ -6,19 +7,35 @@ import jax
 from flax import nnx
 
 import pallas_kernels
-from dit_jax.models.layers import xavier_uniform, zeros
+from dit_jax.models.layers import AffineLayerNorm, RMSNorm, apply_rope, xavier_uniform, zeros
 from dit_jax.parallel.rules import constrain
+
+QK_NORMS = (None, "layernorm", "rmsnorm")
 
 
 class SelfAttention(nnx.Module):
-    """q, k, v = x W_qkv + b; softmax(q k^T / sqrt(d)) v; out W_o + b_o.
+    """q, k, v = x W_qkv + b; q, k normalised per head (qk_norm) and rotated (rope); softmax(q k^T /
+    sqrt(d)) v; out W_o + b_o.
 
     W_qkv is stored as [embed, 3, heads, head_dim] so that heads can be sharded over `tensor`.
+    qk_norm: None, "layernorm" (affine, eps 1e-5: timm's, as REPA's SiT) or "rmsnorm" (with scale,
+    eps 1e-6: LightningDiT's), each over head_dim with parameters shared by all heads.
     """
 
     def __init__(
-        self, hidden: int, num_heads: int, *, impl: str, mask=None, rngs: nnx.Rngs, dtype, param_dtype
+        self,
+        hidden: int,
+        num_heads: int,
+        *,
+        impl: str,
+        mask=None,
+        qk_norm: str | None = None,
+        rngs: nnx.Rngs,
+        dtype,
+        param_dtype,
     ):
+        if qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {qk_norm!r}")
         head_dim = hidden // num_heads
         self.impl = impl
         self.mask = mask  # a static pallas_kernels.masks.Mask, or None for full attention
@@ -37,8 +54,13 @@ class SelfAttention(nnx.Module):
             w_out.reshape(num_heads, head_dim, hidden), logical_axes=("heads", "head_dim", "embed")
         )
         self.b_out = nnx.Param(zeros(rngs.params(), (hidden,), param_dtype), logical_axes=("embed",))
+        norm_cls = {None: None, "layernorm": AffineLayerNorm, "rmsnorm": RMSNorm}[qk_norm]
+        norm_kw = dict(axis="head_dim", param_dtype=param_dtype)
+        self.q_norm = norm_cls(head_dim, **norm_kw) if norm_cls else None
+        self.k_norm = norm_cls(head_dim, **norm_kw) if norm_cls else None
 
-    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, rope_LK: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """`rope_LK`: (cos, sin) tables [L, head_dim] (see layers.rope_2d_tables), or None."""
         dtype = self.dtype or x_BLD.dtype
         b, length, d = x_BLD.shape
         w_qkv = self.w_qkv[...].astype(dtype)
@@ -50,6 +72,10 @@ class SelfAttention(nnx.Module):
         qkv_BL3HK = qkv.reshape(b, length, *w_qkv.shape[1:]) + self.b_qkv[...].astype(dtype)
         qkv_BL3HK = constrain(qkv_BL3HK, ("act_batch", "act_seq", None, "act_heads", None))
         q, k, v = (qkv_BL3HK[:, :, i] for i in range(3))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope_LK is not None:
+            q, k = apply_rope(q, *rope_LK), apply_rope(k, *rope_LK)
         out_BLHK = pallas_kernels.attention(q, k, v, mask=self.mask, implementation=self.impl)
         out = out_BLHK.reshape(b * length, -1) @ w_out.reshape(-1, w_out.shape[-1])
         return out.reshape(b, length, -1) + self.b_out[...].astype(dtype)

@@ -1,9 +1,16 @@
-"""DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers"), in Flax NNX.
+"""DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers") and its descendants, in Flax NNX.
+
+One backbone, configured by `config.Model`:
+  DiT / SiT      the defaults (SiT has DiT's architecture; only the objective differs);
+  REPA           + a projector of the hidden states after `repa_depth` blocks (`forward_with_features`),
+                   optionally qk_norm;
+  LightningDiT   mlp="swiglu", norm="rmsnorm", rope=True (and optionally qk_norm), usually patch 1.
 
 Images are NHWC. `DiT(x_BHWC, t_B, y_B)` returns [B, H, W, C_out] with C_out = 2C when the model
-learns sigma. Initialisation follows the reference: Xavier-uniform linears (the patch bias keeps
-PyTorch's default uniform), N(0, 0.02) embeddings and timestep MLP, zero-initialised adaLN
-modulations and final projection (adaLN-Zero).
+learns sigma (SiT and LightningDiT drop the second half when sampling; we return all of it).
+Initialisation follows the reference: Xavier-uniform linears (the patch bias keeps PyTorch's default
+uniform), N(0, 0.02) embeddings and timestep MLP, zero-initialised adaLN modulations and final
+projection (adaLN-Zero), norm scales 1.
 """
 
 from __future__ import annotations
@@ -18,11 +25,15 @@ from dit_jax.models.layers import (
     LabelEmbedder,
     Mlp,
     PatchEmbed,
+    Projector,
+    RMSNorm,
+    SwiGLU,
     TimestepEmbedder,
     cpu_fusion_barrier,
     dense,
     layer_norm,
     modulate,
+    rope_2d_tables,
     sincos_pos_embed_2d,
     unpatchify,
     zeros,
@@ -30,10 +41,18 @@ from dit_jax.models.layers import (
 from dit_jax.parallel.rules import constrain
 
 ACT_BLD = ("act_batch", "act_seq", "act_embed")
+Rope = tuple[jax.Array, jax.Array] | None
 
 
 def dtype_of(name: str):
     return jnp.dtype(name)
+
+
+def _rms_norm_or_none(cfg: config_lib.Model) -> RMSNorm | None:
+    """The learned-scale RMSNorm of norm="rmsnorm"; None for DiT's parameter-free LayerNorm."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.hidden_size, param_dtype=dtype_of(cfg.param_dtype))
+    return None
 
 
 class DiTBlock(nnx.Module):
@@ -42,17 +61,25 @@ class DiTBlock(nnx.Module):
     def __init__(self, cfg: config_lib.Model, attention_impl: str, attention_mask=None, *, rngs: nnx.Rngs):
         kw = dict(rngs=rngs, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
         d = cfg.hidden_size
-        self.attn = SelfAttention(d, cfg.num_heads, impl=attention_impl, mask=attention_mask, **kw)
-        self.mlp = Mlp(d, int(d * cfg.mlp_ratio), **kw)
+        qk_norm = cfg.norm if cfg.qk_norm else None
+        self.attn = SelfAttention(
+            d, cfg.num_heads, impl=attention_impl, mask=attention_mask, qk_norm=qk_norm, **kw
+        )
+        mlp_cls = SwiGLU if cfg.mlp == "swiglu" else Mlp
+        self.mlp = mlp_cls(d, cfg.mlp_hidden_size, **kw)
         self.adaln = dense(d, 6 * d, ("embed", "adaln"), kernel_init=zeros, **kw)
+        self.norm1 = _rms_norm_or_none(cfg)
+        self.norm2 = _rms_norm_or_none(cfg)
         self.mlp_norm_eps = cfg.mlp_norm_eps
 
-    def __call__(self, x_BLD: jax.Array, c_BD: jax.Array) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, c_BD: jax.Array, rope_LK: Rope = None) -> jax.Array:
         mod = self.adaln(jax.nn.silu(c_BD))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-        h = self.attn(modulate(layer_norm(x_BLD), shift_msa, scale_msa))
+        h = self.norm1(x_BLD) if self.norm1 is not None else layer_norm(x_BLD)
+        h = self.attn(modulate(h, shift_msa, scale_msa), rope_LK)
         x_BLD = x_BLD + gate_msa[:, None, :] * h
-        h = self.mlp(modulate(layer_norm(x_BLD, self.mlp_norm_eps), shift_mlp, scale_mlp))
+        h = self.norm2(x_BLD) if self.norm2 is not None else layer_norm(x_BLD, self.mlp_norm_eps)
+        h = self.mlp(modulate(h, shift_mlp, scale_mlp))
         x_BLD = x_BLD + gate_mlp[:, None, :] * h
         return cpu_fusion_barrier(constrain(x_BLD, ACT_BLD))
 
@@ -65,14 +92,16 @@ class FinalLayer(nnx.Module):
         d, p = cfg.hidden_size, cfg.patch_size
         self.adaln = dense(d, 2 * d, ("embed", "adaln"), **kw)
         self.proj = dense(d, p * p * cfg.out_channels, ("embed", "patch"), **kw)
+        self.norm = _rms_norm_or_none(cfg)
 
     def __call__(self, x_BLD: jax.Array, c_BD: jax.Array) -> jax.Array:
         shift, scale = jnp.split(self.adaln(jax.nn.silu(c_BD)), 2, axis=-1)
-        return self.proj(modulate(layer_norm(x_BLD), shift, scale))
+        h = self.norm(x_BLD) if self.norm is not None else layer_norm(x_BLD)
+        return self.proj(modulate(h, shift, scale))
 
 
-def _apply_block(block: DiTBlock, x_BLD: jax.Array, c_BD: jax.Array) -> jax.Array:
-    return block(x_BLD, c_BD)
+def _apply_block(block: DiTBlock, x_BLD: jax.Array, c_BD: jax.Array, rope_LK: Rope) -> jax.Array:
+    return block(x_BLD, c_BD, rope_LK)
 
 
 class DiT(nnx.Module):
@@ -94,6 +123,9 @@ class DiT(nnx.Module):
             [DiTBlock(cfg, attention_impl, attention_mask, rngs=rngs) for _ in range(cfg.depth)]
         )
         self.final = FinalLayer(cfg, rngs=rngs)
+        self.projector = (
+            Projector(d, cfg.repa_projector_dim, cfg.repa_feature_dim, **kw) if cfg.repa_depth else None
+        )
 
     def __call__(
         self,
@@ -105,16 +137,50 @@ class DiT(nnx.Module):
     ) -> jax.Array:
         """`t_B` is what the timestep embedder sees (see Objective.model_time); `drop_key` enables
         label dropout for classifier-free guidance training."""
+        return self._forward(x_BHWC, t_B, y_B, drop_key, with_features=False)[0]
+
+    def forward_with_features(
+        self,
+        x_BHWC: jax.Array,
+        t_B: jax.Array,
+        y_B: jax.Array | None = None,
+        *,
+        drop_key: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """(output as `__call__`, REPA features z [B, L, repa_feature_dim]): the projector applied to
+        the hidden states after `repa_depth` blocks, for REPA's alignment loss."""
+        if self.projector is None:
+            raise ValueError(
+                "forward_with_features needs a REPA projector: set model.repa_depth > 0 "
+                "(the number of blocks whose output is projected)"
+            )
+        return self._forward(x_BHWC, t_B, y_B, drop_key, with_features=True)
+
+    def _forward(
+        self,
+        x_BHWC: jax.Array,
+        t_B: jax.Array,
+        y_B: jax.Array | None,
+        drop_key: jax.Array | None,
+        *,
+        with_features: bool,
+    ) -> tuple[jax.Array, jax.Array | None]:
         cfg = self.cfg
         dtype = dtype_of(cfg.dtype)
         grid = cfg.image_size // cfg.patch_size
-        # Fixed positions: a trace-time constant, not a parameter.
+        # Fixed positions (and RoPE tables): trace-time constants, not parameters.
         pos_LD = jnp.asarray(sincos_pos_embed_2d(cfg.hidden_size, grid), dtype)
+        rope_LK = None
+        if cfg.rope:
+            rope_LK = tuple(jnp.asarray(a) for a in rope_2d_tables(cfg.hidden_size // cfg.num_heads, grid))
         x = constrain(self.patch_embed(x_BHWC.astype(dtype)) + pos_LD, ACT_BLD)
         c = self.t_embedder(t_B)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y_B, drop_key).astype(c.dtype)
-        for block in self.blocks:
-            x = nnx.remat(_apply_block)(block, x, c) if cfg.remat else block(x, c)
+        z_BLZ = None
+        for i, block in enumerate(self.blocks):
+            x = nnx.remat(_apply_block)(block, x, c, rope_LK) if cfg.remat else block(x, c, rope_LK)
+            if with_features and i + 1 == cfg.repa_depth:
+                z_BLZ = self.projector(x)
         x = self.final(x, c)
-        return unpatchify(x, cfg.patch_size, cfg.out_channels, grid)
+        return unpatchify(x, cfg.patch_size, cfg.out_channels, grid), z_BLZ

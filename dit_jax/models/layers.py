@@ -1,4 +1,4 @@
-"""DiT building blocks: embedders, adaLN modulation, MLP, fixed position embeddings.
+"""DiT building blocks: embedders, adaLN modulation, MLP / SwiGLU, norms, position embeddings, RoPE.
 
 Every parameter carries `logical_axes` metadata (see dit_jax.parallel.rules). `dtype` is the
 compute dtype, `param_dtype` the storage dtype. Norms, sinusoids and the adaLN conditioning path
@@ -99,6 +99,35 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
+def rms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps) over the last axis, statistics in float32, result in x.dtype."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned per-channel scale (initialised to 1), as LightningDiT's (Llama's)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, axis: str = "norm", param_dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.eps) * self.scale[...].astype(x.dtype)
+
+
+class AffineLayerNorm(nnx.Module):
+    """LayerNorm with learned scale and bias (PyTorch's nn.LayerNorm default, eps 1e-5): timm's qk-norm."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, axis: str = "norm", param_dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis,))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=(axis,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return layer_norm(x, self.eps) * self.scale[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+
+
 def modulate(x_BLD: jax.Array, shift_BD: jax.Array, scale_BD: jax.Array) -> jax.Array:
     return x_BLD * (1 + scale_BD[:, None, :]) + shift_BD[:, None, :]
 
@@ -111,7 +140,13 @@ def timestep_sinusoids(
     Frequencies exp(-ln(max_period) i / (half - freq_shift)); diffusers' DiT uses freq_shift=1.
     """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
+    # A host constant: the reference's float32 exponent with exp rounded once from float64. XLA's
+    # float32 exp differs from PyTorch's in the last bit for ~15 of 128 frequencies, which moves
+    # the features by up to 6e-5 at t ~ 1000.
+    exponent = (
+        np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half - freq_shift)
+    )
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
     args = t_B.astype(jnp.float32)[:, None] * freqs[None]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:
@@ -133,6 +168,36 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
 
     cols, rows = np.meshgrid(np.arange(grid_size), np.arange(grid_size))
     return np.concatenate([one_axis(dim // 2, cols), one_axis(dim // 2, rows)], axis=1)
+
+
+def rope_2d_tables(head_dim: int, grid_size: int, theta: float = 10_000.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [grid_size**2, head_dim] (float32) of LightningDiT's 2-D rotary embedding.
+
+    EVA-02's VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len=grid_size): head_dim // 4
+    frequencies theta^(-2j / (head_dim/2)), each repeated for the two channels of a rotated pair
+    (interleaved: f0 f0 f1 f1 ...); the first head_dim / 2 channels rotate with the row index, the
+    last head_dim / 2 with the column index; tokens in row-major order. Computed in float32 as the
+    reference computes it.
+    """
+    dim = head_dim // 2
+    exponents = np.arange(0, dim, 2, dtype=np.float32)[: dim // 2] / np.float32(dim)
+    freqs = np.float32(1.0) / np.power(np.float32(theta), exponents)
+    # The reference's positions arange(n) / n * n (ft_seq_len = pt_seq_len), in float32.
+    pos = np.arange(grid_size, dtype=np.float32) / np.float32(grid_size) * np.float32(grid_size)
+    angles = np.repeat(pos[:, None] * freqs[None], 2, axis=-1)  # [grid, dim]
+    rows = np.broadcast_to(angles[:, None, :], (grid_size, grid_size, angles.shape[-1]))
+    cols = np.broadcast_to(angles[None, :, :], (grid_size, grid_size, angles.shape[-1]))
+    table = np.concatenate([rows, cols], axis=-1).reshape(grid_size * grid_size, -1)
+    return np.cos(table), np.sin(table)
+
+
+def apply_rope(x_BLHK: jax.Array, cos_LK: jax.Array, sin_LK: jax.Array) -> jax.Array:
+    """x cos + rotate_half(x) sin with interleaved pairs: (x0, x1) -> (-x1, x0); math in float32."""
+    x = x_BLHK.astype(jnp.float32)
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    out = x * cos_LK[None, :, None, :] + rotated * sin_LK[None, :, None, :]
+    return out.astype(x_BLHK.dtype)
 
 
 class TimestepEmbedder(nnx.Module):
@@ -215,3 +280,42 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class SwiGLU(nnx.Module):
+    """LightningDiT's SwiGLUFFN: (silu(x W1 + b1) * (x W2 + b2)) W3 + b3.
+
+    W1 and W2 are one fused parameter [embed, 2, mlp] (PyTorch's w12, first half gated), so that the
+    MLP axis can be sharded without splitting a gate from its value.
+    """
+
+    def __init__(self, hidden: int, mlp_hidden: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.dtype = dtype
+        # Xavier-uniform over the fused [hidden, 2*mlp_hidden] matrix, as nn.Linear(hidden, 2*mlp_hidden).
+        w_in = xavier_uniform(rngs.params(), (hidden, 2 * mlp_hidden), param_dtype)
+        self.w_in = nnx.Param(w_in.reshape(hidden, 2, mlp_hidden), logical_axes=("embed", None, "mlp"))
+        self.b_in = nnx.Param(zeros(rngs.params(), (2, mlp_hidden), param_dtype), logical_axes=(None, "mlp"))
+        self.fc2 = dense(
+            mlp_hidden, hidden, ("mlp", "embed"), rngs=rngs, dtype=dtype, param_dtype=param_dtype
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype or x.dtype
+        lead, d = x.shape[:-1], x.shape[-1]
+        w_in = self.w_in[...].astype(dtype)
+        h = x.astype(dtype).reshape(-1, d) @ w_in.reshape(d, -1)  # one 2-D matmul, as layers.Dense
+        h = h.reshape(-1, *w_in.shape[1:]) + self.b_in[...].astype(dtype)
+        return self.fc2((jax.nn.silu(h[:, 0]) * h[:, 1]).reshape(*lead, -1))
+
+
+class Projector(nnx.Module):
+    """REPA's projector head: Linear-SiLU-Linear-SiLU-Linear (hidden -> width -> width -> features)."""
+
+    def __init__(self, hidden: int, width: int, features: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc1 = dense(hidden, width, ("embed", "mlp"), **kw)
+        self.fc2 = dense(width, width, ("mlp", "embed"), **kw)
+        self.fc3 = dense(width, features, ("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc3(jax.nn.silu(self.fc2(jax.nn.silu(self.fc1(x)))))

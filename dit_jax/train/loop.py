@@ -20,6 +20,7 @@ from dit_jax import config as config_lib
 from dit_jax import data as data_lib
 from dit_jax import grids, sampling
 from dit_jax.parallel import mesh as mesh_lib
+from dit_jax.train import repa
 from dit_jax.train import state as state_lib
 from dit_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from dit_jax.train.metrics import MetricsWriter, Progress
@@ -70,7 +71,8 @@ class Trainer:
         self.spec = state_lib.model_spec(cfg)
         self.tx = state_lib.optimizer(cfg)
         self.shardings = state_lib.state_shardings(cfg, self.spec, self.tx, self.mesh)
-        self.step_fn = make_train_step(cfg, self.spec, self.tx, self.mesh, self.shardings)
+        encoder = repa.make_encoder(cfg) if cfg.repa.weight > 0 else None
+        self.step_fn = make_train_step(cfg, self.spec, self.tx, self.mesh, self.shardings, encoder)
         self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
         self._best: Checkpointer | None = None
 
@@ -213,10 +215,8 @@ def _run(trainer: Trainer, state, data_iter, start: int, writer: MetricsWriter):
             img_per_s = window["steps"] * cfg.batch_size / max(elapsed, 1e-9)
             progress.update(step, loss=float(m["loss"]), img_per_s=img_per_s)
             if _every(step, cfg.log_every) or step == cfg.total_steps:
-                writer.write(
-                    step,
-                    {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"], "img_per_s": img_per_s},
-                )
+                logged = {k: v for k, v in m.items() if k != "nonfinite"}  # loss, grad_norm, lr, ...
+                writer.write(step, {**logged, "img_per_s": img_per_s})
                 window.update(t=time.perf_counter(), steps=0)
         pending.clear()
 

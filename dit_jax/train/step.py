@@ -8,11 +8,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from dit_jax import config as config_lib
 from dit_jax.diffusion import make_objective
 from dit_jax.parallel import mesh as mesh_lib
-from dit_jax.train.state import ModelSpec, TrainState, apply_model, learning_rate
+from dit_jax.train import repa
+from dit_jax.train.state import ModelSpec, TrainState, learning_rate
 
 
 def ema_decay(cfg: config_lib.Optim, step: jax.Array) -> jax.Array:
@@ -30,9 +32,12 @@ def train_step(
     cfg: config_lib.Config,
     spec: ModelSpec,
     tx: optax.GradientTransformation,
+    repa_encoder: repa.EncoderFn | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update. Randomness is `fold_in(seed, step)`, so resuming needs no RNG state.
 
+    With cfg.repa.weight > 0, `repa_encoder` gives the target features of the clean images and
+    REPA's alignment loss is added (reported as `repa_loss`; `loss` is the total).
     A non-finite loss or gradient leaves the state unchanged and reports `nonfinite=1`; the loop
     stops on it, so a bad step never reaches a checkpoint.
     """
@@ -41,12 +46,22 @@ def train_step(
     noise_key, drop_key = jax.random.split(key)
     x0 = batch["x"]
 
+    use_repa = cfg.repa.weight > 0
+    if use_repa and repa_encoder is None:
+        raise ValueError("cfg.repa.weight > 0 needs repa_encoder (see dit_jax.train.repa.make_encoder)")
+
     def loss_fn(params):
         x_t, t, target = objective.sample(noise_key, x0)
-        out = apply_model(spec.graphdef, params, x_t, objective.model_time(t), batch["y"], drop_key=drop_key)
-        return jnp.mean(objective.loss(out, x0, x_t, t, target))
+        model = nnx.merge(spec.graphdef, params)
+        args = (x_t, objective.model_time(t), batch["y"])
+        if not use_repa:
+            return jnp.mean(objective.loss(model(*args, drop_key=drop_key), x0, x_t, t, target)), {}
+        out, z_BLZ = model.forward_with_features(*args, drop_key=drop_key)
+        repa_loss = jnp.mean(repa.alignment_loss(z_BLZ, repa_encoder(x0)))
+        denoise = jnp.mean(objective.loss(out, x0, x_t, t, target))
+        return denoise + cfg.repa.weight * repa_loss, {"repa_loss": repa_loss}
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -61,6 +76,7 @@ def train_step(
         "grad_norm": grad_norm,
         "lr": learning_rate(cfg.optim, cfg.total_steps)(state.step),
         "nonfinite": (~finite).astype(jnp.int32),
+        **aux,
     }
     return new, metrics
 
@@ -71,10 +87,11 @@ def make_train_step(
     tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
     state_shardings: TrainState,
+    repa_encoder: repa.EncoderFn | None = None,
 ):
     """jit(train_step) with state sharded per the rules preset, the batch split over the
     data-parallel axes, metrics replicated, and the input state donated."""
-    step = functools.partial(train_step, cfg=cfg, spec=spec, tx=tx)
+    step = functools.partial(train_step, cfg=cfg, spec=spec, tx=tx, repa_encoder=repa_encoder)
     batch_sharding = mesh_lib.batch_sharding(mesh)
     return jax.jit(
         step,

@@ -1,0 +1,309 @@
+"""Precomputed VAE latents (written by `dit-jax encode`) as a TFDS ArrayRecord data set.
+
+Layout of the data set folder DIR (`tfds.builder_from_directory(DIR)` reads it, without TensorFlow):
+
+    metadata.json      `LatentsInfo`: what was encoded, with which VAE, latent shape, classes;
+                       written first (it identifies the job when resuming)
+    features.json      TFDS feature spec
+    dataset_info.json  TFDS split info; written last, so its presence marks a complete data set
+    dit_latents-<split>.array_record-<shard>-of-<num_shards>
+                       `shard_size` examples per shard, in the source's order
+
+Each record holds the VAE posterior of one image, "mean" and "std" ([h, w, c], float32, or
+float16 with `--dtype=float16`), "label", and with `--hflip` also "mean_flipped" / "std_flipped",
+the posterior of the horizontally flipped image.
+
+Training (`data.source = "latents"`, `data.path = DIR`) samples x = (mean + std * eps - shift_factor)
+* scaling_factor with eps ~ N(0, I) drawn from (seed, stream position) — the position encodes
+(epoch, index within the epoch) — so a resumed run sees exactly the latents it would have seen.
+Where flipped latents are stored, the same draw picks plain or flipped with probability 1/2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from grain.experimental import ShapeDtypeStruct
+
+from dit_jax import config
+from dit_jax.data.errors import DataError
+
+DATASET_NAME = "dit_latents"
+FORMAT = "dit_latents/1"
+METADATA_FILE = "metadata.json"
+COMPLETE_FILE = "dataset_info.json"
+FILE_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+DTYPES = ("float32", "float16")
+# Fields that may differ between the run that started a data set and the one that resumes it.
+NOT_IDENTITY = ("vae",)
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentsInfo:
+    """The metadata of a latents data set (metadata.json). `image_size` is in pixels."""
+
+    source: str  # "digits" or the absolute path of the image folder
+    source_digest: str  # hash of the source's file listing (image folders) or its name
+    split: str
+    num_examples: int
+    class_names: tuple[str, ...]
+    image_size: int
+    image_channels: int
+    vae: str  # absolute path of the diffusers VAE folder or weights file used to encode
+    vae_digest: str  # sha256 of its config.json and weights
+    scaling_factor: float
+    shift_factor: float
+    latent_shape: tuple[int, int, int]
+    hflip: bool
+    dtype: str
+    shard_size: int
+    format: str = FORMAT
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_examples // self.shard_size)
+
+    def shard_range(self, shard: int) -> range:
+        """Source indices held by `shard`."""
+        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_examples))
+
+    @property
+    def shard_lengths(self) -> list[int]:
+        return [len(self.shard_range(k)) for k in range(self.num_shards)]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> LatentsInfo:
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(values, dict) or values.get("format") != FORMAT or set(values) != names:
+            raise ValueError(f"not {FORMAT} metadata")
+        values = dict(values)
+        values["class_names"] = tuple(values["class_names"])
+        values["latent_shape"] = tuple(values["latent_shape"])
+        return cls(**values)
+
+    def differences(self, other: LatentsInfo) -> list[str]:
+        """'key: A there, B here' for every identity field where `other` (on disk) differs."""
+        out = []
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if f.name not in NOT_IDENTITY and mine != theirs:
+                if f.name == "class_names":
+                    mine, theirs = f"{len(mine)} classes", f"{len(theirs)} classes"
+                out.append(f"{f.name}: {theirs!r} there, {mine!r} here")
+        return out
+
+
+def features(info: LatentsInfo) -> tfds.features.FeaturesDict:
+    """The TFDS feature spec of one record (tensors stored as raw bytes: exact, compact)."""
+
+    def tensor() -> tfds.features.Tensor:
+        return tfds.features.Tensor(
+            shape=info.latent_shape, dtype=np.dtype(info.dtype), encoding=tfds.features.Encoding.BYTES
+        )
+
+    spec = {"mean": tensor(), "std": tensor(), "label": tfds.features.ClassLabel(names=info.class_names)}
+    if info.hflip:
+        spec.update(mean_flipped=tensor(), std_flipped=tensor())
+    return tfds.features.FeaturesDict(spec)
+
+
+def file_template(directory: str, split: str) -> tfds.core.ShardedFileTemplate:
+    return tfds.core.ShardedFileTemplate(
+        data_dir=tfds.core.Path(directory),
+        template=FILE_TEMPLATE,
+        dataset_name=DATASET_NAME,
+        split=split,
+        filetype_suffix="array_record",
+    )
+
+
+def shard_paths(directory: str, info: LatentsInfo) -> list[str]:
+    return [os.fspath(p) for p in file_template(directory, info.split).sharded_filepaths(info.num_shards)]
+
+
+def read_info(directory: str, *, key: str = "data.path") -> LatentsInfo | None:
+    """The metadata in `directory`, None when it has none; raises DataError when it is unreadable."""
+    path = os.path.join(directory, METADATA_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return LatentsInfo.from_dict(json.load(f))
+    except (OSError, ValueError, TypeError) as err:
+        raise DataError(
+            f"{key}={directory!r}: {path} is not dit-jax latents metadata ({err}); "
+            "point it at a folder written by `dit-jax encode`"
+        ) from err
+
+
+def load_info(directory: str) -> LatentsInfo:
+    """The metadata of a complete latents data set at `directory` (data.path); DataError otherwise."""
+    directory = os.path.abspath(os.path.expanduser(directory))
+    if not os.path.isdir(directory):
+        raise DataError(
+            f"data.path={directory!r} does not exist; write a latents data set there with "
+            f"`dit-jax encode --output={directory} ...` first"
+        )
+    info = read_info(directory)
+    if info is None:
+        raise DataError(
+            f"data.path={directory!r} is not a latents data set (no {METADATA_FILE}); "
+            "write one with `dit-jax encode`"
+        )
+    if not os.path.isfile(os.path.join(directory, COMPLETE_FILE)):
+        raise DataError(
+            f"data.path={directory!r} is an unfinished latents data set (its encoding was interrupted); "
+            "re-run the same `dit-jax encode` command to finish it"
+        )
+    return info
+
+
+def vae_path(cfg: config.Data, info: LatentsInfo) -> str:
+    """The VAE that decodes samples: data.vae, or the one the data set was encoded with."""
+    path = os.path.abspath(os.path.expanduser(cfg.vae)) if cfg.vae else info.vae
+    if not os.path.exists(path):
+        key = "data.vae" if cfg.vae else f"the VAE recorded in {cfg.path}/{METADATA_FILE} (data.vae unset)"
+        raise DataError(f"{key}: {path!r} does not exist; set data.vae to the diffusers VAE folder")
+    return path
+
+
+def check_matches(cfg: config.Data, info: LatentsInfo) -> None:
+    """Raises DataError, naming the config key, where the config does not fit the data set."""
+    h, w, c = info.latent_shape
+    name = f"the latents data set {cfg.path!r} ({h}x{w}x{c} latents of {info.image_size}px images)"
+    if cfg.image_size != h:
+        raise DataError(
+            f"data.image_size={cfg.image_size} but {name} has latent size {h}; with data.source='latents' "
+            f"data.image_size is the latent size: set data.image_size and model.image_size to {h}"
+        )
+    if cfg.channels != c:
+        raise DataError(
+            f"data.channels={cfg.channels} but {name} has {c} latent channels; "
+            f"set data.channels and model.in_channels to {c}"
+        )
+    if cfg.num_classes not in (0, info.num_classes):
+        raise DataError(
+            f"data.num_classes={cfg.num_classes} but {name} has {info.num_classes} classes; set "
+            "data.num_classes (and model.num_classes) to match, or 0 for unconditional"
+        )
+    if cfg.hflip and not info.hflip:
+        raise DataError(
+            f"data.hflip=True but {name} holds no flipped latents; re-encode with "
+            "`dit-jax encode --hflip` or set data.hflip=False"
+        )
+
+
+class LatentSource:
+    """Random-access source of stored records {"mean", "std", ["mean_flipped", "std_flipped"], "y"}.
+
+    Pickles as (directory, split) and reopens lazily, like the image sources."""
+
+    def __init__(self, directory: str, split: str, info: LatentsInfo):
+        self.directory = directory
+        self.split = split
+        self.info = info
+        self._records = None
+        self._length = info.num_examples
+
+    @property
+    def element_spec(self) -> dict[str, ShapeDtypeStruct]:
+        keys = ("mean", "std", "mean_flipped", "std_flipped") if self.info.hflip else ("mean", "std")
+        spec = {k: ShapeDtypeStruct(self.info.latent_shape, np.dtype(self.info.dtype)) for k in keys}
+        return {**spec, "y": ShapeDtypeStruct((), np.int32)}
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __repr__(self) -> str:
+        return f"LatentSource({self.directory!r}, split={self.split!r}, latents={self.info.latent_shape})"
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_records": None}
+
+    def _open(self):
+        if self._records is None:
+            try:
+                builder = tfds.builder_from_directory(self.directory)
+                self._records = builder.as_data_source(split=self.split)
+            except (OSError, RuntimeError, ValueError, KeyError) as err:
+                raise DataError(
+                    f"data.path={self.directory!r}: cannot open split {self.split!r} of the latents data "
+                    f"set ({err}); re-run `dit-jax encode` into a fresh folder"
+                ) from err
+        return self._records
+
+    def check_readable(self) -> None:
+        """Reads the first and last record; raises DataError when shard files are missing or corrupt."""
+        try:
+            if self._length:
+                self._open().__getitems__([0, self._length - 1])
+        except (OSError, RuntimeError, ValueError) as err:
+            raise DataError(
+                f"the latents data set at {self.directory!r} is missing shards or is corrupt ({err}); "
+                "re-run the `dit-jax encode` command that wrote it (finished shards are kept)"
+            ) from err
+
+    @staticmethod
+    def _convert(record: dict) -> dict[str, np.ndarray]:
+        out = {k: np.asarray(v) for k, v in record.items() if k != "label"}
+        return {**out, "y": np.int32(record["label"])}
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self._convert(self._open()[int(index)])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        return [self._convert(r) for r in self._open().__getitems__([int(i) for i in indices])]
+
+
+class LatentSampler:
+    """Grain `map_with_index` transform: stored posterior -> {"x": diffusion latent float32, "y"}.
+
+    Draws from Philox(seed, stream position), so resuming replays the same latents."""
+
+    def __init__(self, seed: int, info: LatentsInfo):
+        self.seed = seed
+        self.scaling_factor = info.scaling_factor
+        self.shift_factor = info.shift_factor
+        self.hflip = info.hflip
+
+    def __call__(self, position: int, element: dict) -> dict:
+        rng = np.random.Generator(np.random.Philox(key=[self.seed, int(position)]))
+        suffix = "_flipped" if self.hflip and rng.integers(2) else ""
+        mean = np.asarray(element["mean" + suffix], np.float32)
+        std = np.asarray(element["std" + suffix], np.float32)
+        eps = rng.standard_normal(mean.shape, dtype=np.float32)
+        x = (mean + std * eps - np.float32(self.shift_factor)) * np.float32(self.scaling_factor)
+        return {"x": x.astype(np.float32), "y": element["y"]}
+
+
+def mode_latent(element: dict, info: LatentsInfo) -> np.ndarray:
+    """The posterior mean as a diffusion latent (no noise, not flipped)."""
+    mean = np.asarray(element["mean"], np.float32)
+    return ((mean - np.float32(info.shift_factor)) * np.float32(info.scaling_factor)).astype(np.float32)
+
+
+def make_source(cfg: config.Data, split: str = "train") -> LatentSource:
+    """The latents data set at data.path, checked against the config."""
+    directory = os.path.abspath(os.path.expanduser(cfg.path))
+    info = load_info(directory)
+    if split != info.split:
+        raise DataError(
+            f"split {split!r} does not exist for data.source='latents' at {cfg.path!r}; "
+            f"available splits: {info.split}"
+        )
+    check_matches(cfg, info)
+    source = LatentSource(directory, split, info)
+    source.check_readable()
+    return source
