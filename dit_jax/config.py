@@ -360,14 +360,21 @@ class Eval:
 class Repa:
     """REPA representation alignment (dit_jax.train.repa): `weight` (REPA's proj_coeff, 0.5 in the
     paper; 0 = off) times the alignment loss between the model's projector output after
-    model.repa_depth blocks and the frozen `encoder`'s patch features of the clean image."""
+    model.repa_depth blocks and the frozen `encoder`'s patch features of the clean image.
+
+    encoder: "dinov2" (weights: the torch-hub file at `encoder_weights`, images resized to
+    `encoder_image_size`) or "digits_classifier" (the project's digits classifier).
+    """
 
     weight: float = 0.0
-    encoder: str = "digits_classifier"
+    encoder: str = "dinov2"
+    encoder_weights: str = ""
+    encoder_image_size: int = 224
 
     def __post_init__(self):
         _check(self.weight >= 0, "repa.weight", "must be >= 0 (0 disables REPA)")
-        _check_choice(self.encoder, "repa.encoder", ("digits_classifier",))
+        _check_choice(self.encoder, "repa.encoder", ("dinov2", "digits_classifier"))
+        _check(self.encoder_image_size > 0, "repa.encoder_image_size", "must be positive")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -34,45 +35,99 @@ def test_alignment_loss_matches_repa_formula():
 
 def test_pool_to_grid_is_block_average():
     f = np.arange(2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3)
-    got = np.asarray(repa._pool_to_grid(jnp.asarray(f), 2))
+    got = np.asarray(repa.pool_to_grid(jnp.asarray(f), 2))
     ref = f.reshape(2, 2, 2, 2, 2, 3).mean(axis=(2, 4)).reshape(2, 4, 3)
     np.testing.assert_allclose(got, ref)
     with pytest.raises(repa.RepaError, match="token grid"):
-        repa._pool_to_grid(jnp.asarray(f), 3)
+        repa.pool_to_grid(jnp.asarray(f), 3)
 
 
-def repa_config(tiny_config, weight):
+def repa_config(tiny_config, weight, **repa_fields):
     return tiny_config(
         total_steps=30,
         log_every=1,
         checkpoint_every=30,
         optim=dict(lr=1e-3, warmup_steps=0, schedule="constant"),
-        model=dict(repa_depth=1, repa_projector_dim=64, repa_feature_dim=repa.encoder_dim(tiny_config())),
-        repa=config_lib.Repa(weight=weight),
+        model=dict(repa_depth=1, repa_projector_dim=64, repa_feature_dim=32),
+        repa=config_lib.Repa(weight=weight, encoder="digits_classifier", **repa_fields),
     )
+
+
+def repa_losses(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if '"repa_loss"' in line]
 
 
 def test_repa_training_aligns_the_projector(tiny_config, tmp_path):
     """On digits, the projector learns to predict the classifier's patch features: the alignment
-    loss (negative cosine) falls well below its initial value, and `loss` = denoising + weight x it."""
+    loss (negative cosine) falls well below its initial value."""
     cfg = repa_config(tiny_config, weight=0.5)
     encoder = repa.make_encoder(cfg)
     x = jnp.zeros((2, 8, 8, 1)) - 1.0
-    assert encoder(x).shape == (2, 16, repa.encoder_dim(cfg))  # 4x4 tokens for patch 2 on 8x8
+    assert encoder.apply(encoder.params, x).shape == (2, 16, 32)  # 4x4 tokens for patch 2 on 8x8
     loop.train(cfg, str(tmp_path / "repa"))
-    with open(tmp_path / "repa" / "metrics.jsonl") as f:
-        records = [json.loads(line) for line in f if '"repa_loss"' in line]
+    records = repa_losses(tmp_path / "repa")
     first, last = records[0]["repa_loss"], records[-1]["repa_loss"]
     assert -1.0 <= last < first - 0.3, (first, last)
     assert all(np.isfinite(r["loss"]) for r in records)
 
 
-def test_repa_config_errors(tiny_config):
+def tiny_dinov2_checkpoint(path) -> "torch.nn.Module":
+    """A random DINOv2 with ViT-S's width (so the head count is inferred) and one block."""
+    import torch_dinov2_reference as ref
+
+    torch.manual_seed(0)
+    model = ref.DinoVisionTransformer(img_size=70, patch_size=14, embed_dim=384, depth=1, num_heads=6).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith(("norm1.weight", "norm2.weight", "norm.weight", "gamma")):
+                param.copy_(torch.randn_like(param) * (param.shape[-1] if param.ndim == 2 else 100) ** -0.5)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def test_dinov2_encoder_matches_repa_preprocessing_and_torch_vit(tiny_config, tmp_path):
+    """Encoder.apply on uint8 RGB images == REPA's preprocess_raw_image + the PyTorch ViT's
+    normalised patch tokens (here 28 px -> a 2x2 grid, the model's 8 px / patch 4 token grid)."""
+    import torch_dinov2_reference as ref
+
+    weights = tmp_path / "dinov2_tiny.pth"
+    model = tiny_dinov2_checkpoint(weights)
+    base = tiny_config()
+    cfg = dataclasses.replace(
+        base,
+        model=dataclasses.replace(
+            base.model, in_channels=3, patch_size=4, repa_depth=1, repa_projector_dim=32, repa_feature_dim=384
+        ),
+        data=dataclasses.replace(base.data, channels=3),
+        repa=config_lib.Repa(weight=0.5, encoder_weights=str(weights), encoder_image_size=28),
+    )
+    encoder = repa.make_encoder(cfg)
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    got = np.asarray(jax.jit(encoder.apply)(encoder.params, images))
+    with torch.no_grad():
+        x = ref.preprocess_raw_image(torch.from_numpy(images).permute(0, 3, 1, 2).float(), 28)
+        expected = model.forward_features(x)["x_norm_patchtokens"].numpy()
+    assert got.shape == expected.shape == (3, 4, 384)
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    # [-1, 1] float images give the same features as their uint8 originals.
+    as_float = images.astype(np.float32) * (2 / 255) - 1
+    np.testing.assert_allclose(np.asarray(encoder.apply(encoder.params, as_float)), got, atol=2e-5)
+
+
+def test_repa_config_errors(tiny_config, tmp_path):
     with pytest.raises(config_lib.ConfigError, match="model.repa_depth"):
         tiny_config(repa=config_lib.Repa(weight=0.5))
     with pytest.raises(config_lib.ConfigError, match="repa.encoder"):
-        config_lib.Repa(encoder="dinov2")
+        config_lib.Repa(encoder="clip")
     cfg = repa_config(tiny_config, 0.5)
     synthetic = dataclasses.replace(cfg.data, source="synthetic")
     with pytest.raises(repa.RepaError, match="data.source"):
         repa.make_encoder(dataclasses.replace(cfg, data=synthetic))
+    with pytest.raises(repa.RepaError, match="repa_feature_dim=32"):
+        repa.make_encoder(
+            dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, repa_feature_dim=768))
+        )
+    dino = dataclasses.replace(cfg, repa=config_lib.Repa(weight=0.5))
+    with pytest.raises(repa.RepaError, match="encoder_weights"):
+        repa.make_encoder(dino)

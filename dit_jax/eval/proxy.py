@@ -25,6 +25,8 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -200,21 +202,18 @@ class DigitsClassifier:
         self._apply = jax.jit(lambda state, x: _logits_and_features(nnx.merge(graphdef, state), x))
         self._reference: dict | None = None  # train/test arrays and features, built on first use
 
-    def spatial_features_fn(self):
-        """A jax function: images [B, H, W, C] in [-1, 1] -> the second convolution's activations
-        [B, ceil(H/2), ceil(W/2), 2 * width], the classifier's patch-level features (REPA's target
-        in the digits recipes). The trained weights are closed over as constants."""
-        graphdef, state = nnx.split(self._model_abstract(), nnx.Param)
+    def spatial_encoder(self) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
+        """(apply, params): apply(params, images [B, H, W, C] in [-1, 1]) is the second
+        convolution's activations [B, ceil(H/2), ceil(W/2), 2 * CLASSIFIER_WIDTH], the
+        classifier's patch-level features (REPA's target in the digits recipes)."""
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: _new_model(self.data_cfg)), nnx.Param)
         nnx.replace_by_pure_dict(state, _unflatten(self.params))
 
-        def spatial_features(x_BHWC: jax.Array) -> jax.Array:
-            model = nnx.merge(graphdef, state)
+        def apply(params: Any, x_BHWC: jax.Array) -> jax.Array:
+            model = nnx.merge(graphdef, params)
             return nnx.gelu(model.conv2(nnx.gelu(model.conv1(x_BHWC.astype(jnp.float32)))))
 
-        return spatial_features
-
-    def _model_abstract(self) -> ClassifierNet:
-        return nnx.eval_shape(lambda: _new_model(self.data_cfg))
+        return apply, state
 
     def logits_and_features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits [N, K] and penultimate features [N, FEATURE_DIM], in jitted chunks."""

@@ -7,6 +7,7 @@ from dit_jax.interop.diffusers_dit import (
     read_diffusers_dit,
 )
 from dit_jax.interop.diffusers_vae import convert_diffusers_vae, load_diffusers_vae
+from dit_jax.interop.dinov2 import convert_dinov2, infer_dinov2_config, load_dinov2
 from dit_jax.interop.dit_official import convert_official_dit, load_official_dit
 from dit_jax.interop.sit import (
     convert_lightningdit,
@@ -23,13 +24,16 @@ __all__ = [
     "CheckpointFormatError",
     "convert_diffusers_dit",
     "convert_diffusers_vae",
+    "convert_dinov2",
     "convert_lightningdit",
     "convert_official_dit",
     "convert_repa",
     "convert_sit",
+    "infer_dinov2_config",
     "infer_model_config",
     "load_diffusers_dit",
     "load_diffusers_vae",
+    "load_dinov2",
     "load_lightningdit",
     "load_official_dit",
     "load_repa",

@@ -72,9 +72,18 @@ class Trainer:
         self.tx = state_lib.optimizer(cfg)
         self.shardings = state_lib.state_shardings(cfg, self.spec, self.tx, self.mesh)
         encoder = repa.make_encoder(cfg) if cfg.repa.weight > 0 else None
+        self.encoder_params = encoder.params if encoder is not None else None
         self.step_fn = make_train_step(cfg, self.spec, self.tx, self.mesh, self.shardings, encoder)
         self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
         self._best: Checkpointer | None = None
+        self._decoder: sampling.LatentDecoder | None = None
+
+    def decoder(self) -> sampling.LatentDecoder | None:
+        """The VAE decoder of a latents run (None in pixel space), loaded and jitted on first use
+        and reused by every sample grid and evaluation."""
+        if self._decoder is None:
+            self._decoder = sampling.make_decoder(self.cfg, self.mesh)
+        return self._decoder
 
     def abstract_state(self) -> state_lib.TrainState:
         return abstract_with_shardings(state_lib.abstract_state(self.cfg, self.spec, self.tx), self.shardings)
@@ -97,7 +106,14 @@ class Trainer:
         per_class = self.cfg.grid_samples_per_class
         labels = sampling.balanced_labels(max(m.num_classes, 1) * per_class, m.num_classes)
         images = sampling.generate(
-            self.cfg, self.spec, state.ema, labels, mesh=self.mesh, seed=self.cfg.seed, progress=False
+            self.cfg,
+            self.spec,
+            state.ema,
+            labels,
+            mesh=self.mesh,
+            seed=self.cfg.seed,
+            progress=False,
+            decoder=self.decoder(),
         )
         if jax.process_index() == 0:
             os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
@@ -121,6 +137,7 @@ class Trainer:
             seed=cfg.seed + 1,
             batch_size=cfg.eval.batch_size,
             progress=False,
+            decoder=self.decoder(),
         )
         metrics = eval_lib.run_metrics(cfg, images, labels if cfg.model.num_classes else None)
         writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
@@ -182,7 +199,7 @@ def _run(trainer: Trainer, state, data_iter, start: int, writer: MetricsWriter):
     cfg, mesh = trainer.cfg, trainer.mesh
     first = global_batch(next(data_iter), mesh)
     t0 = time.perf_counter()
-    compiled = trainer.step_fn.lower(state, first).compile()
+    compiled = trainer.step_fn.lower(state, first, trainer.encoder_params).compile()
     compile_s = time.perf_counter() - t0
     if start == 0:
         writer.write(
@@ -225,7 +242,7 @@ def _run(trainer: Trainer, state, data_iter, start: int, writer: MetricsWriter):
         for step in range(start + 1, cfg.total_steps + 1):
             if batch is None:
                 batch = global_batch(next(data_iter), mesh)
-            state, metrics = compiled(state, batch)
+            state, metrics = compiled(state, batch, trainer.encoder_params)
             batch = None
             drain()  # the previous step's metrics: fetched while this step runs
             pending.append((step, metrics))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -28,16 +29,18 @@ def ema_decay(cfg: config_lib.Optim, step: jax.Array) -> jax.Array:
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
+    encoder_params: Any = None,
     *,
     cfg: config_lib.Config,
     spec: ModelSpec,
     tx: optax.GradientTransformation,
-    repa_encoder: repa.EncoderFn | None = None,
+    encoder_apply: Callable[[Any, jax.Array], jax.Array] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update. Randomness is `fold_in(seed, step)`, so resuming needs no RNG state.
 
-    With cfg.repa.weight > 0, `repa_encoder` gives the target features of the clean images and
-    REPA's alignment loss is added (reported as `repa_loss`; `loss` is the total).
+    With cfg.repa.weight > 0, `encoder_apply(encoder_params, images)` gives the target features
+    of the clean images (repa.Encoder) and REPA's alignment loss is added (reported as
+    `repa_loss`; `loss` is the total).
     A non-finite loss or gradient leaves the state unchanged and reports `nonfinite=1`; the loop
     stops on it, so a bad step never reaches a checkpoint.
     """
@@ -47,8 +50,8 @@ def train_step(
     x0 = batch["x"]
 
     use_repa = cfg.repa.weight > 0
-    if use_repa and repa_encoder is None:
-        raise ValueError("cfg.repa.weight > 0 needs repa_encoder (see dit_jax.train.repa.make_encoder)")
+    if use_repa and encoder_apply is None:
+        raise ValueError("cfg.repa.weight > 0 needs a REPA encoder (see dit_jax.train.repa.make_encoder)")
 
     def loss_fn(params):
         x_t, t, target = objective.sample(noise_key, x0)
@@ -57,7 +60,8 @@ def train_step(
         if not use_repa:
             return jnp.mean(objective.loss(model(*args, drop_key=drop_key), x0, x_t, t, target)), {}
         out, z_BLZ = model.forward_with_features(*args, drop_key=drop_key)
-        repa_loss = jnp.mean(repa.alignment_loss(z_BLZ, repa_encoder(x0)))
+        z_target = encoder_apply(encoder_params, repa.clean_images(batch, x0))
+        repa_loss = jnp.mean(repa.alignment_loss(z_BLZ, z_target))
         denoise = jnp.mean(objective.loss(out, x0, x_t, t, target))
         return denoise + cfg.repa.weight * repa_loss, {"repa_loss": repa_loss}
 
@@ -87,15 +91,19 @@ def make_train_step(
     tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
     state_shardings: TrainState,
-    repa_encoder: repa.EncoderFn | None = None,
+    encoder: repa.Encoder | None = None,
 ):
     """jit(train_step) with state sharded per the rules preset, the batch split over the
-    data-parallel axes, metrics replicated, and the input state donated."""
-    step = functools.partial(train_step, cfg=cfg, spec=spec, tx=tx, repa_encoder=repa_encoder)
+    data-parallel axes, metrics replicated, and the input state donated.
+
+    Called as step(state, batch, encoder_params); encoder_params (REPA's frozen encoder, else
+    None) are replicated."""
+    apply = encoder.apply if encoder is not None else None
+    step = functools.partial(train_step, cfg=cfg, spec=spec, tx=tx, encoder_apply=apply)
     batch_sharding = mesh_lib.batch_sharding(mesh)
     return jax.jit(
         step,
-        in_shardings=(state_shardings, batch_sharding),
+        in_shardings=(state_shardings, batch_sharding, mesh_lib.replicated(mesh)),
         out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
         donate_argnums=(0,),
     )
