@@ -222,8 +222,27 @@ def cmd_encode(args, overrides: list[str]) -> None:
     info, written = encode.encode(options)
     print(
         f"latents data set at {os.path.abspath(args.output)}: {info.num_examples} examples, latents "
-        f"{'x'.join(map(str, info.latent_shape))} ({info.dtype}{', with flipped' if info.hflip else ''}), "
+        f"{'x'.join(map(str, info.latent_shape))} ({info.dtype}{', with flipped' if info.hflip else ''}"
+        f"{', with images' if info.store_images else ''}), "
         f"{info.num_classes} classes; this process wrote {written} of {info.num_shards} shards"
+    )
+
+
+def cmd_convert(args, overrides: list[str]) -> None:
+    """A published checkpoint -> a workdir for sample / eval / train (see dit_jax.interop.convert)."""
+    from dit_jax.config import ConfigError
+    from dit_jax.interop import convert
+
+    if overrides:
+        raise ConfigError(f"unrecognised arguments: {' '.join(overrides)}; see `dit-jax convert --help`")
+    family = getattr(args, "from")
+    cfg = convert.convert(family, args.input, args.output, vae=args.vae or "", num_heads=args.num_heads)
+    m = cfg.model
+    print(
+        f"wrote {args.output}: {family} model, {m.depth} blocks of width {m.hidden_size}, "
+        f"patch {m.patch_size}, {m.image_size}x{m.image_size}x{m.in_channels} inputs, "
+        f"{m.num_classes} classes; sampler {cfg.sampler.kind} {cfg.sampler.num_steps} steps, "
+        f"CFG {cfg.sampler.cfg_scale}"
     )
 
 
@@ -291,6 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--shard_size", type=int, default=1024, help="examples per shard file")
     enc.add_argument("--num_workers", type=int, default=8, help="image reading threads per process")
     enc.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
+    enc.add_argument(
+        "--store_images",
+        action="store_true",
+        help="also store each encoded image (uint8, at --image_size), for REPA's encoder (data.with_images)",
+    )
+    conv = sub.add_parser("convert", parents=[multi], help="turn a published checkpoint into a workdir")
+    conv.add_argument("--from", required=True, choices=["dit", "diffusers", "sit", "repa", "lightningdit"])
+    conv.add_argument("--input", required=True, help="checkpoint .pt (diffusers: a model or pipeline folder)")
+    conv.add_argument("--output", required=True, help="a new workdir")
+    conv.add_argument("--vae", help="diffusers VAE folder that decodes samples (data.vae)")
+    conv.add_argument("--num_heads", type=int, help="only for sizes outside the published variant table")
     classifier = sub.add_parser(
         "classifier", parents=[multi], help="train and cache the digits classifier for proxy metrics"
     )
@@ -317,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     from dit_jax.interop import CheckpointFormatError
     from dit_jax.train.checkpoint import CheckpointError
     from dit_jax.train.loop import NonFiniteLoss
+    from dit_jax.train.repa import RepaError
 
     user_errors = (
         ConfigError,
@@ -325,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointFormatError,
         EvalError,
         NonFiniteLoss,
+        RepaError,
         FileNotFoundError,
+        FileExistsError,
     )
     from dit_jax.parallel import distributed
 
@@ -338,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             "reference": cmd_reference,
             "classifier": cmd_classifier,
             "encode": cmd_encode,
+            "convert": cmd_convert,
         }
         commands[args.command](args, overrides)
     except user_errors as e:

@@ -307,7 +307,8 @@ class Data:
     sample times the VAE's scaling factor, and image_size / channels are the latent's size and
     channels. Where the latents data set stores flipped latents, plain or flipped is drawn at
     random; hflip=True demands them. `vae`: the diffusers VAE that decodes samples of a latents
-    run ("" = the one recorded in the data set).
+    run ("" = the one recorded in the data set). `with_images`: latents batches also hold "image",
+    the clean uint8 image stored by `dit-jax encode --store_images` (REPA's encoder input).
     """
 
     source: str = "synthetic"
@@ -319,6 +320,7 @@ class Data:
     num_workers: int = 0
     hflip: bool = False
     vae: str = ""
+    with_images: bool = False
 
     def __post_init__(self):
         _check_choice(self.source, "data.source", ("digits", "image_folder", "synthetic", "latents"))
@@ -333,6 +335,12 @@ class Data:
             "data.source='latents' needs data.path, a folder written by `dit-jax encode`",
         )
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(
+            not self.with_images or self.source == "latents",
+            "data.with_images",
+            "only for data.source='latents' (batches then also hold the clean uint8 'image' stored by "
+            "`dit-jax encode --store_images`); a pixel source's x is the image itself",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,6 +66,7 @@ class EncodeOptions:
     shard_size: int = 1024
     num_workers: int = 8
     limit: int = 0  # encode only the first `limit` images of the split (0 = all)
+    store_images: bool = False  # also store each encoded image as uint8 (for REPA's target encoder)
 
     def __post_init__(self):
         for key in ("image_size", "batch_size", "shard_size", "num_workers"):
@@ -208,6 +209,7 @@ def plan(opts: EncodeOptions):
         hflip=opts.hflip,
         dtype=opts.dtype,
         shard_size=opts.shard_size,
+        store_images=opts.store_images,
     )
     return info, images, weights
 
@@ -295,7 +297,8 @@ def _write_tfds_metadata(directory: str, info: latents.LatentsInfo) -> None:
         features=latents.features(info),
         description=(
             f"VAE posterior latents {info.latent_shape} of {info.image_size}px images from {info.source} "
-            f"({info.split}), encoded with {info.vae}; see metadata.json."
+            f"({info.split}), encoded with {info.vae}{', with the images' if info.store_images else ''}; "
+            "see metadata.json."
         ),
         supervised_keys=("mean", "label"),
     )
@@ -345,16 +348,31 @@ class _Encoder:
         return self._fn(self.params, jax.device_put(x_BHWC, self.sharding))
 
 
-def _serialize(info: latents.LatentsInfo, outputs: Sequence[np.ndarray], labels: np.ndarray) -> list[bytes]:
+def to_pixels(x_BHWC: np.ndarray) -> np.ndarray:
+    """Images in [-1, 1] (as the VAE encodes them) -> uint8, rounded to nearest. Exact for images
+    read as uint8 (image folders); digits resized in float are quantised to 1/255 here."""
+    return np.clip(np.round((x_BHWC.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _load(images, indices: Sequence[int], pool, store_images: bool):
+    """(images float32 [B, H, W, C] in [-1, 1], labels, the same images as uint8 or None)."""
+    x, labels = images.load(indices, pool)
+    return x, labels, to_pixels(x) if store_images else None
+
+
+def _serialize(
+    info: latents.LatentsInfo, outputs: Sequence[np.ndarray], labels: np.ndarray, pixels: np.ndarray | None
+) -> list[bytes]:
     spec = latents.features(info)
     keys = ("mean", "std", "mean_flipped", "std_flipped")[: len(outputs)]
     dtype = np.dtype(info.dtype)
-    return [
-        spec.serialize_example(
-            {"label": int(label), **{k: np.asarray(o[i], dtype) for k, o in zip(keys, outputs, strict=True)}}
-        )
-        for i, label in enumerate(labels)
-    ]
+    records = []
+    for i, label in enumerate(labels):
+        example = {k: np.asarray(o[i], dtype) for k, o in zip(keys, outputs, strict=True)}
+        if pixels is not None:
+            example["image"] = pixels[i]
+        records.append(spec.serialize_example({"label": int(label), **example}))
+    return records
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -438,9 +456,9 @@ def _encode_shards(info, images, encoder: _Encoder, shards, paths, num_workers: 
     ]
     buffers: dict[int, list] = collections.defaultdict(list)
 
-    def collect(shard: int, indices: range, outputs, labels: np.ndarray) -> None:
+    def collect(shard: int, indices: range, outputs, labels: np.ndarray, pixels) -> None:
         outputs = [np.asarray(o)[: len(indices)] for o in jax.device_get(outputs)]
-        buffers[shard].append(_serialize(info, outputs, labels))
+        buffers[shard].append(_serialize(info, outputs, labels, pixels))
         if indices.stop == info.shard_range(shard).stop:
             _write_shard(paths[shard], [r for chunk in buffers.pop(shard) for r in chunk])
         if bar is not None:
@@ -452,15 +470,16 @@ def _encode_shards(info, images, encoder: _Encoder, shards, paths, num_workers: 
     ):
         loads = collections.deque()
         for _, indices in batches[:_PREFETCH_BATCHES]:
-            loads.append(reader.submit(images.load, indices, pool))
+            loads.append(reader.submit(_load, images, indices, pool, info.store_images))
         previous = None
         for b, (shard, indices) in enumerate(batches):
-            x, labels = loads.popleft().result()
+            x, labels, pixels = loads.popleft().result()
             if b + _PREFETCH_BATCHES < len(batches):
-                loads.append(reader.submit(images.load, batches[b + _PREFETCH_BATCHES][1], pool))
+                next_indices = batches[b + _PREFETCH_BATCHES][1]
+                loads.append(reader.submit(_load, images, next_indices, pool, info.store_images))
             outputs = encoder(x)  # dispatched asynchronously; the previous batch is saved meanwhile
             if previous is not None:
                 collect(*previous)
-            previous = (shard, indices, outputs, labels)
+            previous = (shard, indices, outputs, labels, pixels)
         if previous is not None:
             collect(*previous)

@@ -10,13 +10,16 @@ Layout of the data set folder DIR (`tfds.builder_from_directory(DIR)` reads it, 
                        `shard_size` examples per shard, in the source's order
 
 Each record holds the VAE posterior of one image, "mean" and "std" ([h, w, c], float32, or
-float16 with `--dtype=float16`), "label", and with `--hflip` also "mean_flipped" / "std_flipped",
-the posterior of the horizontally flipped image.
+float16 with `--dtype=float16`), "label", with `--hflip` also "mean_flipped" / "std_flipped",
+the posterior of the horizontally flipped image, and with `--store_images` also "image", the
+uint8 [H, W, C] image that was encoded (C = the VAE's input channels; its flip is the mirrored
+array, not stored), for encoders of the clean image such as REPA's.
 
 Training (`data.source = "latents"`, `data.path = DIR`) samples x = (mean + std * eps - shift_factor)
 * scaling_factor with eps ~ N(0, I) drawn from (seed, stream position) — the position encodes
 (epoch, index within the epoch) — so a resumed run sees exactly the latents it would have seen.
-Where flipped latents are stored, the same draw picks plain or flipped with probability 1/2.
+Where flipped latents are stored, the same draw picks plain or flipped with probability 1/2, and
+the image (where asked for) is mirrored exactly when the flipped latent is picked.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ FILE_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 DTYPES = ("float32", "float16")
 # Fields that may differ between the run that started a data set and the one that resumes it.
 NOT_IDENTITY = ("vae",)
+# Fields added after the first version of the format, with the value metadata without them means.
+OPTIONAL_FIELDS = {"store_images": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +67,13 @@ class LatentsInfo:
     hflip: bool
     dtype: str
     shard_size: int
+    store_images: bool = False  # each record also holds the uint8 image that was encoded
     format: str = FORMAT
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Shape of the stored images (with `store_images`): uint8 [H, W, C]."""
+        return (self.image_size, self.image_size, self.image_channels)
 
     @property
     def num_classes(self) -> int:
@@ -86,9 +97,11 @@ class LatentsInfo:
     @classmethod
     def from_dict(cls, values: dict) -> LatentsInfo:
         names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(values, dict) or values.get("format") != FORMAT or set(values) != names:
+        if not isinstance(values, dict) or values.get("format") != FORMAT:
             raise ValueError(f"not {FORMAT} metadata")
-        values = dict(values)
+        values = {**OPTIONAL_FIELDS, **values}
+        if set(values) != names:
+            raise ValueError(f"not {FORMAT} metadata (fields {sorted(set(values) ^ names)})")
         values["class_names"] = tuple(values["class_names"])
         values["latent_shape"] = tuple(values["latent_shape"])
         return cls(**values)
@@ -116,6 +129,10 @@ def features(info: LatentsInfo) -> tfds.features.FeaturesDict:
     spec = {"mean": tensor(), "std": tensor(), "label": tfds.features.ClassLabel(names=info.class_names)}
     if info.hflip:
         spec.update(mean_flipped=tensor(), std_flipped=tensor())
+    if info.store_images:
+        spec["image"] = tfds.features.Tensor(
+            shape=info.image_shape, dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
+        )
     return tfds.features.FeaturesDict(spec)
 
 
@@ -205,8 +222,19 @@ def check_matches(cfg: config.Data, info: LatentsInfo) -> None:
         )
 
 
+def check_images(cfg: config.Data, info: LatentsInfo) -> None:
+    """Raises DataError where the run asks for the clean images (data.with_images) but the data
+    set at data.path does not store them."""
+    if not info.store_images:
+        raise DataError(
+            f"data.with_images=True but the latents data set {cfg.path!r} stores no images; "
+            "re-encode it with `dit-jax encode --store_images` (into a new --output folder)"
+        )
+
+
 class LatentSource:
-    """Random-access source of stored records {"mean", "std", ["mean_flipped", "std_flipped"], "y"}.
+    """Random-access source of stored records {"mean", "std", ["mean_flipped", "std_flipped"],
+    ["image"], "y"}.
 
     Pickles as (directory, split) and reopens lazily, like the image sources."""
 
@@ -221,6 +249,8 @@ class LatentSource:
     def element_spec(self) -> dict[str, ShapeDtypeStruct]:
         keys = ("mean", "std", "mean_flipped", "std_flipped") if self.info.hflip else ("mean", "std")
         spec = {k: ShapeDtypeStruct(self.info.latent_shape, np.dtype(self.info.dtype)) for k in keys}
+        if self.info.store_images:
+            spec["image"] = ShapeDtypeStruct(self.info.image_shape, np.uint8)
         return {**spec, "y": ShapeDtypeStruct((), np.int32)}
 
     def __len__(self) -> int:
@@ -268,24 +298,34 @@ class LatentSource:
 
 
 class LatentSampler:
-    """Grain `map_with_index` transform: stored posterior -> {"x": diffusion latent float32, "y"}.
+    """Grain `map_with_index` transform: stored posterior -> {"x": diffusion latent float32, "y"},
+    with `with_images` also "image" (the stored uint8 image, mirrored iff the flipped latent is
+    drawn).
 
-    Draws from Philox(seed, stream position), so resuming replays the same latents."""
+    Draws from Philox(seed, stream position), so resuming replays the same latents (and images)."""
 
-    def __init__(self, seed: int, info: LatentsInfo):
+    def __init__(self, seed: int, info: LatentsInfo, with_images: bool = False):
+        if with_images and not info.store_images:
+            raise DataError("with_images=True but the latents data set stores no images")
         self.seed = seed
         self.scaling_factor = info.scaling_factor
         self.shift_factor = info.shift_factor
         self.hflip = info.hflip
+        self.with_images = with_images
 
     def __call__(self, position: int, element: dict) -> dict:
         rng = np.random.Generator(np.random.Philox(key=[self.seed, int(position)]))
-        suffix = "_flipped" if self.hflip and rng.integers(2) else ""
+        flip = bool(self.hflip and rng.integers(2))
+        suffix = "_flipped" if flip else ""
         mean = np.asarray(element["mean" + suffix], np.float32)
         std = np.asarray(element["std" + suffix], np.float32)
         eps = rng.standard_normal(mean.shape, dtype=np.float32)
         x = (mean + std * eps - np.float32(self.shift_factor)) * np.float32(self.scaling_factor)
-        return {"x": x.astype(np.float32), "y": element["y"]}
+        out = {"x": x.astype(np.float32), "y": element["y"]}
+        if self.with_images:
+            image = np.asarray(element["image"], np.uint8)
+            out["image"] = np.ascontiguousarray(image[:, ::-1]) if flip else image
+        return out
 
 
 def mode_latent(element: dict, info: LatentsInfo) -> np.ndarray:

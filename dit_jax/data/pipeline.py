@@ -20,7 +20,7 @@ from absl import flags
 
 from dit_jax import config
 from dit_jax.data.errors import DataError
-from dit_jax.data.latents import LatentSampler
+from dit_jax.data.latents import LatentSampler, check_images
 from dit_jax.data.sources import make_source
 
 _SHUFFLE_STREAM = 0
@@ -91,17 +91,26 @@ def make_dataset(
     split: str = "train",
     process_index: int | None = None,
     process_count: int | None = None,
+    with_images: bool = False,
 ) -> grain.IterDataset:
     """The pipeline as a Grain IterDataset of local batches; `make_iterator` iterates it."""
+    if with_images and cfg.source != "latents":
+        raise DataError(
+            f"data.with_images=True is for data.source='latents' (a data set written by `dit-jax encode "
+            f"--store_images`); with data.source={cfg.source!r}, x is the image: set data.with_images=False"
+        )
     process_index, process_count = _process_layout(process_index, process_count)
     batch = local_batch_size(global_batch_size, process_count)
     # ShuffleMapDataset reshuffles each epoch (its seed advances with index // len), and
     # RepeatMapDataset passes stream positions through, so positions beyond one epoch stay distinct.
     source = make_source(cfg, split)
+    if with_images:
+        check_images(cfg, source.info)
     dataset = grain.MapDataset.source(source)
     dataset = dataset.shuffle(seed=_derived_seed(seed, _SHUFFLE_STREAM)).repeat()
     if cfg.source == "latents":  # noise (and the flipped-or-not choice) per stream position
-        dataset = dataset.map_with_index(LatentSampler(_derived_seed(seed, _LATENT_STREAM), source.info))
+        sampler = LatentSampler(_derived_seed(seed, _LATENT_STREAM), source.info, with_images)
+        dataset = dataset.map_with_index(sampler)
     elif cfg.hflip:
         dataset = dataset.map_with_index(RandomHorizontalFlip(_derived_seed(seed, _FLIP_STREAM)))
     dataset = dataset.batch(batch, drop_remainder=True)[process_index::process_count]
@@ -121,11 +130,15 @@ def make_iterator(
     split: str = "train",
     process_index: int | None = None,
     process_count: int | None = None,
+    with_images: bool = False,
 ) -> grain.DatasetIterator:
     """Endless iterator of {"x": float32 [local_batch, H, W, C] in [-1, 1], "y": int32 [local_batch]}.
 
     `process_index` / `process_count` default to JAX's; local_batch = global_batch_size //
     process_count. Save `iterator.get_state()` with a checkpoint and `set_state` it to resume.
+    `with_images` (data.source="latents" only, a data set encoded with `--store_images`): each
+    batch also holds "image", uint8 [local_batch, H_px, W_px, C_px], the clean image of each latent
+    (mirrored exactly where the flipped latent was drawn).
     """
     dataset = make_dataset(
         cfg,
@@ -134,5 +147,6 @@ def make_iterator(
         split=split,
         process_index=process_index,
         process_count=process_count,
+        with_images=with_images,
     )
     return iter(dataset)

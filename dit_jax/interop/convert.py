@@ -18,7 +18,6 @@ state, so `dit-jax train --workdir=...` fine-tunes from it.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -70,14 +69,16 @@ def family_config(family: str, model: config_lib.Model, *, vae: str = "") -> con
     )
 
 
-def read_checkpoint(family: str, path: str) -> tuple[config_lib.Model, dict]:
-    """(inferred model config, params pure dict) of a checkpoint file (or a diffusers folder)."""
+def read_checkpoint(family: str, path: str, num_heads: int | None = None) -> tuple[config_lib.Model, dict]:
+    """(inferred model config, params pure dict) of a checkpoint file (or a diffusers folder).
+
+    `num_heads` is needed only for sizes outside the published variant tables."""
     from dit_jax import interop
 
     if family == "diffusers":
         return interop.read_diffusers_dit(path)
     state_dict = read_torch_checkpoint(path)
-    model = interop.infer_model_config(state_dict, family)
+    model = interop.infer_model_config(state_dict, family, num_heads=num_heads)
     convert = {
         "dit": interop.convert_official_dit,
         "sit": interop.convert_sit,
@@ -129,16 +130,16 @@ def write_workdir(cfg: config_lib.Config, params: dict, workdir: str) -> None:
 
 
 def convert(
-    family: str, input_path: str, workdir: str, *, vae: str = "", **model_overrides
+    family: str, input_path: str, workdir: str, *, vae: str = "", num_heads: int | None = None
 ) -> config_lib.Config:
     """Reads a `family` checkpoint and writes a ready-to-sample workdir; returns its config."""
     if family not in FAMILIES:
         raise config_lib.ConfigError(f"unknown --from={family!r}; expected one of {', '.join(FAMILIES)}")
     if not os.path.exists(input_path):
         raise FileNotFoundError(f"checkpoint {input_path!r} not found")
-    model, params = read_checkpoint(family, input_path)
-    if model_overrides:
-        model = dataclasses.replace(model, **model_overrides)
+    if vae and not os.path.isdir(vae):
+        raise FileNotFoundError(f"VAE folder {vae!r} not found (a diffusers AutoencoderKL folder)")
+    model, params = read_checkpoint(family, input_path, num_heads)
     cfg = family_config(family, model, vae=vae)
     write_workdir(cfg, params, workdir)
     return cfg

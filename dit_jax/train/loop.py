@@ -175,7 +175,9 @@ def train(
     """Trains (or resumes) until cfg.total_steps; returns the final state."""
     trainer = Trainer(cfg, workdir, mesh)
     write_config(workdir, cfg)
-    data_iter = data_lib.make_iterator(cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed)
+    data_iter = data_lib.make_iterator(
+        cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed, with_images=cfg.data.with_images
+    )
     state = trainer.restore_or_init(data_iter)
     start = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir)

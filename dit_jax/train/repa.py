@@ -114,6 +114,11 @@ def _dinov2_encoder(cfg: config_lib.Config, grid: int) -> Encoder:
 
 def make_encoder(cfg: config_lib.Config) -> Encoder:
     """The configured frozen encoder, checked against the model's projector width."""
+    if cfg.data.source == "latents" and not cfg.data.with_images:
+        raise RepaError(
+            "REPA on latents needs the clean images for its encoder: encode with "
+            "`dit-jax encode --store_images` and set data.with_images=True"
+        )
     grid = cfg.model.image_size // cfg.model.patch_size
     build = {"digits_classifier": _digits_encoder, "dinov2": _dinov2_encoder}[cfg.repa.encoder]
     encoder = build(cfg, grid)
