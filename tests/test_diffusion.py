@@ -251,6 +251,9 @@ def test_velocity_cosine_loss_matches_numpy():
     cos = (pred * tgt).sum(-1) / (np.linalg.norm(pred, axis=-1) * np.linalg.norm(tgt, axis=-1))
     ref = ((pred - tgt) ** 2).mean(axis=(1, 2, 3)) + 0.5 * (1 - cos).mean(axis=(1, 2))
     np.testing.assert_allclose(f64(jax.jit(obj.loss)(out, x0, x_t, t, target)), ref, rtol=1e-5)
+    # A zero prediction (the zero-initialised final layer at step 0) has a finite gradient.
+    grad = jax.grad(lambda o: obj.loss(o, x0, x_t, t, target).sum())(jnp.zeros(SHAPE))
+    assert np.all(np.isfinite(np.asarray(grad)))
 
 
 @pytest.mark.parametrize("kind", ["euler", "heun"])

@@ -28,6 +28,8 @@ def test_alignment_loss_matches_repa_formula():
     ref = (-(zp * zt).sum(dim=-1)).mean(dim=-1).numpy()
     got = np.asarray(jax.jit(repa.alignment_loss)(z_pred, z_target))
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+    zero = jnp.zeros((1, 4, 24))
+    assert np.all(np.isfinite(np.asarray(jax.grad(lambda z: repa.alignment_loss(z, zero + 1).sum())(zero))))
     # No gradient reaches the (frozen) target features.
     grad = jax.grad(lambda t: repa.alignment_loss(jnp.asarray(z_pred), t).sum())(jnp.asarray(z_target))
     assert not np.any(np.asarray(grad))

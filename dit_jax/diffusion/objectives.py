@@ -138,10 +138,11 @@ def vlb_bits_per_dim(
 
 
 def cosine_similarity(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
-    """Cosine similarity over the last axis, as torch.nn.functional.cosine_similarity: each norm is
-    clamped to eps."""
-    norm = lambda x: jnp.maximum(jnp.linalg.norm(x, axis=-1), eps)
-    return jnp.sum(a * b, axis=-1) / (norm(a) * norm(b))
+    """Cosine similarity over the last axis, as torch.nn.functional.cosine_similarity:
+    a.b / max(|a| |b|, eps). Written without a norm's square root at 0, so that the gradient of
+    a zero prediction (a zero-initialised output layer) is finite."""
+    squared = jnp.sum(a * a, axis=-1) * jnp.sum(b * b, axis=-1)
+    return jnp.sum(a * b, axis=-1) * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,8 @@ def alignment_loss(z_pred_BLZ: jax.Array, z_target_BLZ: jax.Array, eps: float = 
 
     Normalisation as torch.nn.functional.normalize: x / max(||x||, eps).
     """
-    normalize = lambda z: z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), eps)
+    # z * rsqrt(max(|z|^2, eps^2)) == z / max(|z|, eps), with a finite gradient at z = 0.
+    normalize = lambda z: z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), eps * eps))
     z_pred = normalize(z_pred_BLZ.astype(jnp.float32))
     z_target = normalize(jax.lax.stop_gradient(z_target_BLZ).astype(jnp.float32))
     return -jnp.mean(jnp.sum(z_pred * z_target, axis=-1), axis=-1)
