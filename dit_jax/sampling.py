@@ -36,22 +36,26 @@ def to_uint8(x: np.ndarray | jax.Array) -> np.ndarray:
 
 class LatentDecoder:
     """jit(z_BHWC diffusion latents) -> images [B, H', W', C'] in [-1, 1], batch split over the
-    data-parallel axes, VAE weights replicated. Scaling and shift come from the latents data set."""
+    data-parallel axes, VAE weights replicated. Scaling and shift come from the latents data set
+    (`info`), else from the VAE's own config (e.g. a workdir from `dit-jax convert --vae`)."""
 
-    def __init__(self, vae_path: str, info: latents_lib.LatentsInfo, mesh):
+    def __init__(self, vae_path: str, mesh, info: latents_lib.LatentsInfo | None = None, *, channels: int):
         from flax import nnx
 
         from dit_jax.interop import load_diffusers_vae
 
         vae = load_diffusers_vae(vae_path)
-        if vae.cfg.latent_channels != info.latent_shape[-1]:
+        if vae.cfg.latent_channels != channels:
             raise DataError(
-                f"the VAE {vae_path!r} has {vae.cfg.latent_channels} latent channels but the data set "
-                f"was encoded with {info.latent_shape[-1]}; set data.vae to the VAE used by `dit-jax encode`"
+                f"the VAE {vae_path!r} has {vae.cfg.latent_channels} latent channels but the model's "
+                f"latents have {channels}; set data.vae to the VAE the latents were encoded with"
             )
         graphdef, params = nnx.split(vae)
         self.params = jax.device_put(params, mesh_lib.replicated(mesh))
-        scale, shift = info.scaling_factor, info.shift_factor
+        if info is not None:
+            scale, shift = info.scaling_factor, info.shift_factor
+        else:
+            scale, shift = vae.cfg.scaling_factor, vae.cfg.shift_factor or 0.0
 
         def run(params, z_BHWC):
             model = nnx.merge(graphdef, params)
@@ -65,11 +69,15 @@ class LatentDecoder:
 
 
 def make_decoder(cfg: config_lib.Config, mesh) -> LatentDecoder | None:
-    """The VAE decoder of a latents run (data.vae, else the data set's VAE); None in pixel space."""
-    if cfg.data.source != "latents":
-        return None
-    info = latents_lib.load_info(cfg.data.path)
-    return LatentDecoder(latents_lib.vae_path(cfg.data, info), info, mesh)
+    """The VAE decoder of a latents run (data.vae, else the data set's VAE), or of any run with
+    data.vae set (a converted checkpoint); None in pixel space."""
+    channels = cfg.model.in_channels
+    if cfg.data.source == "latents":
+        info = latents_lib.load_info(cfg.data.path)
+        return LatentDecoder(latents_lib.vae_path(cfg.data, info), mesh, info, channels=channels)
+    if cfg.data.vae:
+        return LatentDecoder(cfg.data.vae, mesh, channels=channels)
+    return None
 
 
 def make_sample_fn(cfg: config_lib.Config, spec: ModelSpec, sampler: config_lib.Sampler, mesh):

@@ -27,6 +27,30 @@ def data_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("datasets"))
 
 
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory) -> str:
+    """A tiny random diffusers AutoencoderKL (3 -> 4 latent channels, downsampling 8), saved with
+    save_pretrained: the SD-VAE's layout at a size that compiles in seconds."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    path = tmp_path_factory.mktemp("vae")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        mid_block_add_attention=False,  # fewer ops to compile
+        sample_size=32,
+    )
+    vae.eval().save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def tiny_config(data_dir):
     """A seconds-long digits config (configs/quickstart.py:smoke) with dataclass overrides:

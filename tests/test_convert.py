@@ -33,15 +33,17 @@ def run_cli(*argv: str) -> int:
     return cli.main(list(argv))
 
 
-def test_convert_official_dit_then_sample(tmp_path, capsys):
-    model = randomize(dit_ref.DiT(in_channels=3, learn_sigma=True, **TINY))
+def test_convert_official_dit_then_sample(tmp_path, capsys, tiny_vae_dir):
+    """DiT on 8x8x4 latents with an SD-VAE-layout decoder: samples are decoded 64x64 RGB images."""
+    model = randomize(dit_ref.DiT(in_channels=4, learn_sigma=True, **TINY))
     path = tmp_path / "dit.pt"
     torch.save({"model": model.state_dict(), "ema": model.state_dict()}, path)
     workdir = str(tmp_path / "wd")
-    assert run_cli("convert", "--from=dit", f"--input={path}", f"--output={workdir}", "--num_heads=2") == 0
+    args = ("--from=dit", f"--input={path}", f"--output={workdir}", "--num_heads=2", f"--vae={tiny_vae_dir}")
+    assert run_cli("convert", *args) == 0
     assert "sampler ddpm 250 steps" in capsys.readouterr().out
 
-    x = np.random.default_rng(0).standard_normal((len(T_B), 3, 8, 8)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((len(T_B), 4, 8, 8)).astype(np.float32)
     with torch.no_grad():
         want = model(torch.from_numpy(x), torch.from_numpy(T_B * 1000), torch.as_tensor(Y_B)).numpy()
     got, cfg = restored_output(workdir, x, T_B * 1000)
@@ -53,7 +55,7 @@ def test_convert_official_dit_then_sample(tmp_path, capsys):
         run_cli("sample", f"--workdir={workdir}", "--num_samples=4", f"--output={out}", "--num_steps=3") == 0
     )
     with np.load(out) as f:
-        assert f["arr_0"].shape == (4, 8, 8, 3) and f["arr_0"].dtype == np.uint8
+        assert f["arr_0"].shape == (4, 64, 64, 3) and f["arr_0"].dtype == np.uint8
         assert f["arr_1"].tolist() == [0, 1, 2, 3]
 
 

@@ -31,24 +31,8 @@ KEYS = ("mean", "std", "mean_flipped", "std_flipped")
 
 
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory) -> str:
-    """A tiny random diffusers AutoencoderKL (downsampling 8) saved with save_pretrained."""
-    path = tmp_path_factory.mktemp("vae")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=4,
-        mid_block_add_attention=False,  # fewer ops to compile
-        sample_size=IMAGE_SIZE,
-    )
-    vae.eval().save_pretrained(path)
-    return str(path)
+def vae_dir(tiny_vae_dir) -> str:
+    return tiny_vae_dir
 
 
 def _options(vae_dir, data_dir, output, **overrides) -> encode.EncodeOptions:
