@@ -329,3 +329,40 @@ def test_train_and_sample_on_latents(capsys, encoded, tmp_path, monkeypatch):
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, vae=str(tmp_path / "missing_vae")))
     with pytest.raises(data.DataError, match=r"data.vae: .*missing_vae.* does not exist"):
         sampling.make_decoder(cfg, mesh_lib.make_mesh(cfg.mesh))
+
+
+def test_repa_with_dinov2_on_latents_with_stored_images(encoded, tmp_path):
+    """REPA's real setting: latents for the model, the stored clean images for the DINOv2 encoder
+    (a tiny random one at 28 px -> a 2x2 patch grid = the model's 4x4 latents / patch 2)."""
+    from test_repa import tiny_dinov2_checkpoint
+
+    weights = tmp_path / "dinov2.pth"
+    tiny_dinov2_checkpoint(weights)
+    workdir = str(tmp_path / "repa")
+    keys = [
+        "--config.data.source=latents",
+        f"--config.data.path='{encoded}'",
+        "--config.data.with_images=True",
+        "--config.data.image_size=4",
+        "--config.data.channels=4",
+        "--config.model.image_size=4",
+        "--config.model.in_channels=4",
+        "--config.model.depth=1",
+        "--config.model.repa_depth=1",
+        "--config.model.repa_projector_dim=32",
+        "--config.model.repa_feature_dim=384",
+        "--config.repa.weight=0.5",
+        f"--config.repa.encoder_weights='{weights}'",
+        "--config.repa.encoder_image_size=28",
+        "--config.total_steps=3",
+        "--config.batch_size=16",
+        "--config.log_every=1",
+    ]
+    assert main(["train", "--config=configs/quickstart.py:smoke", f"--workdir={workdir}", *keys]) == 0
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if '"repa_loss"' in line]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(-1.0 <= r["repa_loss"] <= 1.0 for r in records)
+    # Without the stored images REPA would align to the latents themselves: refused.
+    no_images = [k for k in keys if "with_images" not in k]
+    assert main(["train", "--config=configs/quickstart.py:smoke", f"--workdir={workdir}_x", *no_images]) == 2
