@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,14 +46,14 @@ import numpy as np
 from flax import nnx
 
 from dit_jax import config as config_lib
-from dit_jax.interop.diffusers_vae import _names, _read_weights, _resolve, _set
+from dit_jax.interop.diffusers_vae import read_weights, resolve_weights
+from dit_jax.interop.layout import MAX_NAMED, Entry, describe_keys, set_path
 from dit_jax.interop.torch_checkpoint import CheckpointFormatError, to_numpy
 from dit_jax.models.dit import DiT
 
 FREQ_DIM = 256  # CombinedTimestepLabelEmbeddings: Timesteps(num_channels=256)
 EMBEDDER_RTOL, EMBEDDER_ATOL = 1e-5, 1e-6  # per-block embedder copies must agree this closely
 CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")
-MAX_NAMED = 8
 
 # DiTTransformer2DModel.__init__ defaults: diffusers fills keys missing from config.json with these
 # (also for legacy Transformer2DModel configs, which it remaps to DiTTransformer2DModel).
@@ -84,16 +84,6 @@ LEGACY_DIT_VALUES: dict[str, Any] = {
     "caption_channels": None,
     "use_additional_conditions": None,
 }
-
-Transform = Callable[[np.ndarray], np.ndarray]
-
-
-class _Entry(NamedTuple):
-    """One diffusers tensor: its expected shape, where it goes in our tree, and how to re-lay it out."""
-
-    shape: tuple[int, ...]
-    path: tuple[Any, ...]
-    transform: Transform
 
 
 def _unsupported(what: str) -> CheckpointFormatError:
@@ -173,24 +163,24 @@ def model_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> config_l
 
 
 def _linear(table: dict, prefix: str, path: tuple, d_in: int, d_out: int, bias: bool = True) -> None:
-    table[f"{prefix}.weight"] = _Entry((d_out, d_in), (*path, "kernel"), lambda w: w.T)
+    table[f"{prefix}.weight"] = Entry((d_out, d_in), (*path, "kernel"), lambda w: w.T)
     if bias:
-        table[f"{prefix}.bias"] = _Entry((d_out,), (*path, "bias"), lambda w: w)
+        table[f"{prefix}.bias"] = Entry((d_out,), (*path, "bias"), lambda w: w)
 
 
-def _embedder_keys(cfg: config_lib.Model, block: int) -> dict[str, _Entry]:
+def _embedder_keys(cfg: config_lib.Model, block: int) -> dict[str, Entry]:
     """Block `block`'s CombinedTimestepLabelEmbeddings, mapped onto our shared embedders."""
     d, e = cfg.hidden_size, f"transformer_blocks.{block}.norm1.emb"
-    table: dict[str, _Entry] = {}
+    table: dict[str, Entry] = {}
     _linear(table, f"{e}.timestep_embedder.linear_1", ("t_embedder", "fc1"), FREQ_DIM, d)
     _linear(table, f"{e}.timestep_embedder.linear_2", ("t_embedder", "fc2"), d, d)
-    table[f"{e}.class_embedder.embedding_table.weight"] = _Entry(
+    table[f"{e}.class_embedder.embedding_table.weight"] = Entry(
         (cfg.num_classes + 1, d), ("y_embedder", "table"), lambda w: w
     )
     return table
 
 
-def _layout(cfg: config_lib.Model, attention_bias: bool) -> dict[str, _Entry]:
+def _layout(cfg: config_lib.Model, attention_bias: bool) -> dict[str, Entry]:
     """diffusers key -> entry for every parameter but the embedder copies of blocks 1.. (checked apart).
 
     q, k and v land in slot 0, 1, 2 of the fused projection: path (..., "w_qkv", slot).
@@ -198,30 +188,30 @@ def _layout(cfg: config_lib.Model, attention_bias: bool) -> dict[str, _Entry]:
     d, p, c, h = cfg.hidden_size, cfg.patch_size, cfg.in_channels, cfg.num_heads
     k = d // h
     mlp = int(d * cfg.mlp_ratio)
-    table: dict[str, _Entry] = {
-        "pos_embed.proj.weight": _Entry(
+    table: dict[str, Entry] = {
+        "pos_embed.proj.weight": Entry(
             (d, c, p, p),
             ("patch_embed", "proj", "kernel"),
             lambda w: w.transpose(2, 3, 1, 0).reshape(p * p * c, d),
         ),
-        "pos_embed.proj.bias": _Entry((d,), ("patch_embed", "proj", "bias"), lambda w: w),
+        "pos_embed.proj.bias": Entry((d,), ("patch_embed", "proj", "bias"), lambda w: w),
     }
     table.update(_embedder_keys(cfg, 0))
     for i in range(cfg.depth):
         b, ours = f"transformer_blocks.{i}", ("blocks", i)
         _linear(table, f"{b}.norm1.linear", (*ours, "adaln"), d, 6 * d)
         for slot, name in enumerate(("to_q", "to_k", "to_v")):
-            table[f"{b}.attn1.{name}.weight"] = _Entry(
+            table[f"{b}.attn1.{name}.weight"] = Entry(
                 (d, d), (*ours, "attn", "w_qkv", slot), lambda w: w.T.reshape(d, h, k)
             )
             if attention_bias:
-                table[f"{b}.attn1.{name}.bias"] = _Entry(
+                table[f"{b}.attn1.{name}.bias"] = Entry(
                     (d,), (*ours, "attn", "b_qkv", slot), lambda w: w.reshape(h, k)
                 )
-        table[f"{b}.attn1.to_out.0.weight"] = _Entry(
+        table[f"{b}.attn1.to_out.0.weight"] = Entry(
             (d, d), (*ours, "attn", "w_out"), lambda w: w.T.reshape(h, k, d)
         )
-        table[f"{b}.attn1.to_out.0.bias"] = _Entry((d,), (*ours, "attn", "b_out"), lambda w: w)
+        table[f"{b}.attn1.to_out.0.bias"] = Entry((d,), (*ours, "attn", "b_out"), lambda w: w)
         _linear(table, f"{b}.ff.net.0.proj", (*ours, "mlp", "fc1"), d, mlp)
         _linear(table, f"{b}.ff.net.2", (*ours, "mlp", "fc2"), mlp, d)
     _linear(table, "proj_out_1", ("final", "adaln"), d, 2 * d)
@@ -273,8 +263,8 @@ def convert_diffusers_dit(
     missing = sorted(expected_keys - set(state_dict))
     unexpected = sorted(set(state_dict) - expected_keys)
     if missing or unexpected:
-        parts = [f"missing keys: {_names(missing)}"] if missing else []
-        parts += [f"unexpected keys: {_names(unexpected)}"] if unexpected else []
+        parts = [f"missing keys: {describe_keys(missing)}"] if missing else []
+        parts += [f"unexpected keys: {describe_keys(unexpected)}"] if unexpected else []
         raise CheckpointFormatError(
             f"diffusers DiT checkpoint does not match its config ({_describe(cfg)}): " + "; ".join(parts)
         )
@@ -301,9 +291,9 @@ def convert_diffusers_dit(
         if isinstance(entry.path[-1], int):
             fused.setdefault(entry.path[:-1], [None] * 3)[entry.path[-1]] = value
         else:
-            _set(params, entry.path, np.ascontiguousarray(value, dtype=np.float32))
+            set_path(params, entry.path, np.ascontiguousarray(value, dtype=np.float32))
     for path, (q, k, v) in fused.items():
-        _set(params, path, np.ascontiguousarray(np.stack([q, k, v], axis=-3), dtype=np.float32))
+        set_path(params, path, np.ascontiguousarray(np.stack([q, k, v], axis=-3), dtype=np.float32))
     if not attention_bias:
         for block in params["blocks"].values():
             block["attn"]["b_qkv"] = np.zeros(
@@ -336,9 +326,9 @@ def read_diffusers_dit(
     with transformer/, or a single weights file with `config` (dict or config.json path; default: the
     config.json beside the file).
     """
-    weights_file, config_dict = _resolve(_resolve_folder(path), config)
+    weights_file, config_dict = resolve_weights(_resolve_folder(path), config)
     try:
-        return convert_diffusers_dit(_read_weights(weights_file), config_dict)
+        return convert_diffusers_dit(read_weights(weights_file), config_dict)
     except CheckpointFormatError as e:
         raise CheckpointFormatError(f"{weights_file!r}: {e}") from e
 

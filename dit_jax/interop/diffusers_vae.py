@@ -22,22 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dit_jax.interop.layout import MAX_NAMED, describe_keys, set_path
 from dit_jax.interop.torch_checkpoint import CheckpointFormatError, read_torch_checkpoint, to_numpy
 from dit_jax.models.vae import AutoencoderKL, VAEConfig
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-MAX_NAMED = 8
-
-
-def _natural_key(key: str) -> tuple:
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split("."))
-
-
-def _names(keys: list[str]) -> str:
-    keys = sorted(keys, key=_natural_key)
-    shown = ", ".join(keys[:MAX_NAMED])
-    return shown + (f", ... ({len(keys) - MAX_NAMED} more)" if len(keys) > MAX_NAMED else "")
 
 
 def _torch_name(path: tuple[Any, ...]) -> str:
@@ -73,12 +63,6 @@ def _to_ours(value: np.ndarray, our_shape: tuple[int, ...]) -> np.ndarray:
     return value
 
 
-def _set(tree: dict, path: tuple, value: np.ndarray) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 def convert_diffusers_vae(state_dict: Mapping[str, Any], cfg: VAEConfig) -> dict:
     """diffusers AutoencoderKL state dict (numpy arrays or torch tensors) -> our params pure dict.
 
@@ -92,8 +76,8 @@ def convert_diffusers_vae(state_dict: Mapping[str, Any], cfg: VAEConfig) -> dict
     missing = sorted(set(expected) - set(renamed))
     unexpected = sorted(set(renamed) - set(expected))
     if missing or unexpected:
-        parts = [f"missing keys: {_names(missing)}"] if missing else []
-        parts += [f"unexpected keys: {_names(unexpected)}"] if unexpected else []
+        parts = [f"missing keys: {describe_keys(missing)}"] if missing else []
+        parts += [f"unexpected keys: {describe_keys(unexpected)}"] if unexpected else []
         raise CheckpointFormatError(
             f"diffusers AutoencoderKL checkpoint does not match the config ({cfg}): " + "; ".join(parts)
         )
@@ -107,7 +91,7 @@ def convert_diffusers_vae(state_dict: Mapping[str, Any], cfg: VAEConfig) -> dict
                 f"gives {value.shape}, expected {shape}"
             )
             continue
-        _set(params, path, np.ascontiguousarray(value, dtype=np.float32))
+        set_path(params, path, np.ascontiguousarray(value, dtype=np.float32))
     if bad:
         more = f"; ... ({len(bad) - MAX_NAMED} more)" if len(bad) > MAX_NAMED else ""
         raise CheckpointFormatError(
@@ -118,7 +102,7 @@ def convert_diffusers_vae(state_dict: Mapping[str, Any], cfg: VAEConfig) -> dict
     return params
 
 
-def _read_weights(path: str) -> Mapping[str, Any]:
+def read_weights(path: str) -> Mapping[str, Any]:
     if path.endswith(".safetensors"):
         try:
             from safetensors.numpy import load_file
@@ -131,7 +115,7 @@ def _read_weights(path: str) -> Mapping[str, Any]:
     return read_torch_checkpoint(path)
 
 
-def _resolve(path: str, config: Mapping[str, Any] | str | os.PathLike | None) -> tuple[str, Mapping]:
+def resolve_weights(path: str, config: Mapping[str, Any] | str | os.PathLike | None) -> tuple[str, Mapping]:
     """(weights file, config dict) for a diffusers folder, a pipeline folder (its vae/), or a file."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "vae")):
@@ -169,12 +153,12 @@ def load_diffusers_vae(
     config.json beside the file). The result has `encode(x_NHWC) -> (mean, std)`, `decode(z_NHWC)` and
     `scaling_factor`.
     """
-    weights_file, config_dict = _resolve(os.fspath(path), config)
+    weights_file, config_dict = resolve_weights(os.fspath(path), config)
     try:
         cfg = VAEConfig.from_diffusers(config_dict)
     except (TypeError, ValueError) as e:
         raise CheckpointFormatError(f"{weights_file!r}: {e}") from e
-    params = convert_diffusers_vae(_read_weights(weights_file), cfg)
+    params = convert_diffusers_vae(read_weights(weights_file), cfg)
     abstract = nnx.eval_shape(
         lambda: AutoencoderKL(
             cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, precision=precision

@@ -22,32 +22,21 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit_jax.interop.dit_official import _names, strip_wrapper_prefix
+from dit_jax.interop.dit_official import strip_wrapper_prefix
+from dit_jax.interop.layout import Entry, describe_keys, identity, set_path
 from dit_jax.interop.torch_checkpoint import CheckpointFormatError, read_torch_checkpoint, to_numpy
 from dit_jax.models.dinov2 import HEADS_BY_WIDTH, DinoV2, DinoV2Config, interpolate_pos_embed
 
 BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 IGNORED_KEYS = ("mask_token",)
-
-Transform = Callable[[np.ndarray], np.ndarray]
-
-
-class _Entry(NamedTuple):
-    shape: tuple[int, ...]
-    path: tuple[Any, ...]
-    transform: Transform
-
-
-def _identity(w: np.ndarray) -> np.ndarray:
-    return w
 
 
 def checkpoint_url(name: str = "dinov2_vitb14") -> str:
@@ -56,50 +45,50 @@ def checkpoint_url(name: str = "dinov2_vitb14") -> str:
     return f"{BASE_URL}/{base}/{name}_pretrain.pth"
 
 
-def _layout(cfg: DinoV2Config) -> dict[str, _Entry]:
+def _layout(cfg: DinoV2Config) -> dict[str, Entry]:
     """PyTorch key -> entry for every tensor of the backbone but pos_embed (interpolated apart)."""
     d, p, c, h = cfg.embed_dim, cfg.patch_size, cfg.in_channels, cfg.num_heads
     k, f = d // h, cfg.mlp_hidden
-    table: dict[str, _Entry] = {}
+    table: dict[str, Entry] = {}
 
     def linear(prefix: str, path: tuple, d_in: int, d_out: int) -> None:
-        table[f"{prefix}.weight"] = _Entry((d_out, d_in), (*path, "kernel"), lambda w: w.T)
-        table[f"{prefix}.bias"] = _Entry((d_out,), (*path, "bias"), _identity)
+        table[f"{prefix}.weight"] = Entry((d_out, d_in), (*path, "kernel"), lambda w: w.T)
+        table[f"{prefix}.bias"] = Entry((d_out,), (*path, "bias"), identity)
 
     def norm(prefix: str, path: tuple) -> None:
-        table[f"{prefix}.weight"] = _Entry((d,), (*path, "scale"), _identity)
-        table[f"{prefix}.bias"] = _Entry((d,), (*path, "bias"), _identity)
+        table[f"{prefix}.weight"] = Entry((d,), (*path, "scale"), identity)
+        table[f"{prefix}.bias"] = Entry((d,), (*path, "bias"), identity)
 
-    table["cls_token"] = _Entry((1, 1, d), ("cls_token",), lambda w: w.reshape(d))
+    table["cls_token"] = Entry((1, 1, d), ("cls_token",), lambda w: w.reshape(d))
     if cfg.num_register_tokens:
         r = cfg.num_register_tokens
-        table["register_tokens"] = _Entry((1, r, d), ("register_tokens",), lambda w: w.reshape(r, d))
-    table["patch_embed.proj.weight"] = _Entry(
+        table["register_tokens"] = Entry((1, r, d), ("register_tokens",), lambda w: w.reshape(r, d))
+    table["patch_embed.proj.weight"] = Entry(
         (d, c, p, p),
         ("patch_embed", "proj", "kernel"),
         lambda w: w.transpose(2, 3, 1, 0).reshape(p * p * c, d),
     )
-    table["patch_embed.proj.bias"] = _Entry((d,), ("patch_embed", "proj", "bias"), _identity)
+    table["patch_embed.proj.bias"] = Entry((d,), ("patch_embed", "proj", "bias"), identity)
     for i in range(cfg.depth):
         b, path = f"blocks.{i}", ("blocks", i)
         norm(f"{b}.norm1", (*path, "norm1"))
         norm(f"{b}.norm2", (*path, "norm2"))
-        table[f"{b}.attn.qkv.weight"] = _Entry(
+        table[f"{b}.attn.qkv.weight"] = Entry(
             (3 * d, d), (*path, "attn", "w_qkv"), lambda w: w.T.reshape(d, 3, h, k)
         )
-        table[f"{b}.attn.qkv.bias"] = _Entry((3 * d,), (*path, "attn", "b_qkv"), lambda w: w.reshape(3, h, k))
-        table[f"{b}.attn.proj.weight"] = _Entry(
+        table[f"{b}.attn.qkv.bias"] = Entry((3 * d,), (*path, "attn", "b_qkv"), lambda w: w.reshape(3, h, k))
+        table[f"{b}.attn.proj.weight"] = Entry(
             (d, d), (*path, "attn", "w_out"), lambda w: w.T.reshape(h, k, d)
         )
-        table[f"{b}.attn.proj.bias"] = _Entry((d,), (*path, "attn", "b_out"), _identity)
+        table[f"{b}.attn.proj.bias"] = Entry((d,), (*path, "attn", "b_out"), identity)
         if cfg.layerscale:
-            table[f"{b}.ls1.gamma"] = _Entry((d,), (*path, "ls1"), _identity)
-            table[f"{b}.ls2.gamma"] = _Entry((d,), (*path, "ls2"), _identity)
+            table[f"{b}.ls1.gamma"] = Entry((d,), (*path, "ls1"), identity)
+            table[f"{b}.ls2.gamma"] = Entry((d,), (*path, "ls2"), identity)
         if cfg.ffn == "swiglu":
-            table[f"{b}.mlp.w12.weight"] = _Entry(
+            table[f"{b}.mlp.w12.weight"] = Entry(
                 (2 * f, d), (*path, "mlp", "w_in"), lambda w: w.T.reshape(d, 2, f)
             )
-            table[f"{b}.mlp.w12.bias"] = _Entry((2 * f,), (*path, "mlp", "b_in"), lambda w: w.reshape(2, f))
+            table[f"{b}.mlp.w12.bias"] = Entry((2 * f,), (*path, "mlp", "b_in"), lambda w: w.reshape(2, f))
             linear(f"{b}.mlp.w3", (*path, "mlp", "fc2"), f, d)
         else:
             linear(f"{b}.mlp.fc1", (*path, "mlp", "fc1"), d, f)
@@ -170,12 +159,6 @@ def _describe(cfg: DinoV2Config) -> str:
     )
 
 
-def _set(tree: dict, path: tuple, value: np.ndarray) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 def convert_dinov2(state_dict: Mapping[str, Any], cfg: DinoV2Config) -> dict:
     """A DINOv2 state dict (numpy arrays or torch tensors) -> the params pure dict of DinoV2(cfg)
     (numpy float32), the position table interpolated to cfg.grid.
@@ -189,15 +172,15 @@ def convert_dinov2(state_dict: Mapping[str, Any], cfg: DinoV2Config) -> dict:
     missing = sorted(expected - set(sd))
     unexpected = sorted(set(sd) - expected - set(IGNORED_KEYS))
     if missing or unexpected:
-        parts = [f"missing keys: {_names(missing)}"] if missing else []
-        parts += [f"unexpected keys: {_names(unexpected)}"] if unexpected else []
+        parts = [f"missing keys: {describe_keys(missing)}"] if missing else []
+        parts += [f"unexpected keys: {describe_keys(unexpected)}"] if unexpected else []
         raise CheckpointFormatError(
             header
             + "; ".join(parts)
             + " (infer_dinov2_config(state_dict) derives the config from the weights)"
         )
     pos_shape = (1, 1 + cfg.pos_grid**2, cfg.embed_dim)
-    entries = {**table, "pos_embed": _Entry(pos_shape, ("pos_embed",), _identity)}
+    entries = {**table, "pos_embed": Entry(pos_shape, ("pos_embed",), identity)}
     params: dict = {}
     bad = []
     for key, entry in entries.items():
@@ -206,7 +189,7 @@ def convert_dinov2(state_dict: Mapping[str, Any], cfg: DinoV2Config) -> dict:
             where = "/".join(map(str, entry.path))
             bad.append(f"{key} (-> {where}): checkpoint shape {value.shape}, expected {entry.shape}")
             continue
-        _set(params, entry.path, np.ascontiguousarray(entry.transform(value), dtype=np.float32))
+        set_path(params, entry.path, np.ascontiguousarray(entry.transform(value), dtype=np.float32))
     if bad:
         raise CheckpointFormatError(header + "; ".join(bad))
     params["pos_embed"] = interpolate_pos_embed(

@@ -23,90 +23,72 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from dit_jax import config as config_lib
+from dit_jax.interop.layout import MAX_NAMED, Entry, describe_keys, identity, linear_kernel, set_path
 from dit_jax.interop.torch_checkpoint import CheckpointFormatError, read_torch_checkpoint, to_numpy
 from dit_jax.models.layers import rope_2d_tables, sincos_pos_embed_2d
 
 FREQ_DIM = 256  # TimestepEmbedder frequency_embedding_size (the same in both implementations)
 POS_EMBED_ATOL = 1e-5
-MAX_NAMED = 12
 # Prefixes that wrappers add to every key (DistributedDataParallel, torch.compile).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
-Transform = Callable[[np.ndarray], np.ndarray]
-
-
-class _Entry(NamedTuple):
-    """One official tensor: its expected shape, where it goes in our tree, and how to re-lay it out."""
-
-    shape: tuple[int, ...]
-    path: tuple[Any, ...]
-    transform: Transform
-
-
-def _linear_kernel(w: np.ndarray) -> np.ndarray:
-    return w.T
-
-
-def _identity(w: np.ndarray) -> np.ndarray:
-    return w
-
 
 def _linear(table: dict, prefix: str, path: tuple, d_in: int, d_out: int) -> None:
-    table[f"{prefix}.weight"] = _Entry((d_out, d_in), (*path, "kernel"), _linear_kernel)
-    table[f"{prefix}.bias"] = _Entry((d_out,), (*path, "bias"), _identity)
+    table[f"{prefix}.weight"] = Entry((d_out, d_in), (*path, "kernel"), linear_kernel)
+    table[f"{prefix}.bias"] = Entry((d_out,), (*path, "bias"), identity)
 
 
 def _norm(table: dict, prefix: str, path: tuple, dim: int, *, bias: bool) -> None:
-    table[f"{prefix}.weight"] = _Entry((dim,), (*path, "scale"), _identity)
+    table[f"{prefix}.weight"] = Entry((dim,), (*path, "scale"), identity)
     if bias:
-        table[f"{prefix}.bias"] = _Entry((dim,), (*path, "bias"), _identity)
+        table[f"{prefix}.bias"] = Entry((dim,), (*path, "bias"), identity)
 
 
-def _layout(cfg: config_lib.Model) -> dict[str, _Entry]:
+def _layout(cfg: config_lib.Model) -> dict[str, Entry]:
     """PyTorch key -> entry, for every parameter of a DiT-family model with this config (the fixed
     pos_embed and RoPE buffers aside). Key names are shared by DiT, SiT, REPA and LightningDiT."""
     d, p, c, h = cfg.hidden_size, cfg.patch_size, cfg.in_channels, cfg.num_heads
     k = d // h
     mlp = cfg.mlp_hidden_size
-    table: dict[str, _Entry] = {}
+    table: dict[str, Entry] = {}
     # Conv [D, C, p, q] -> per-patch features in (p, q, c) order, as PatchEmbed flattens them.
-    table["x_embedder.proj.weight"] = _Entry(
+    table["x_embedder.proj.weight"] = Entry(
         (d, c, p, p),
         ("patch_embed", "proj", "kernel"),
         lambda w: w.transpose(2, 3, 1, 0).reshape(p * p * c, d),
     )
-    table["x_embedder.proj.bias"] = _Entry((d,), ("patch_embed", "proj", "bias"), _identity)
+    table["x_embedder.proj.bias"] = Entry((d,), ("patch_embed", "proj", "bias"), identity)
     _linear(table, "t_embedder.mlp.0", ("t_embedder", "fc1"), FREQ_DIM, d)
     _linear(table, "t_embedder.mlp.2", ("t_embedder", "fc2"), d, d)
     # The official model always has a label table: num_classes rows plus the null (CFG) class. With
     # num_classes == 0 its single row is a constant added to c, folded into t_embedder.fc2.bias.
-    table["y_embedder.embedding_table.weight"] = _Entry(
-        (cfg.num_classes + 1, d), ("y_embedder", "table"), _identity
+    table["y_embedder.embedding_table.weight"] = Entry(
+        (cfg.num_classes + 1, d), ("y_embedder", "table"), identity
     )
     rms = cfg.norm == "rmsnorm"
     for i in range(cfg.depth):
         b, path = f"blocks.{i}", ("blocks", i)
-        table[f"{b}.attn.qkv.weight"] = _Entry(
+        table[f"{b}.attn.qkv.weight"] = Entry(
             (3 * d, d), (*path, "attn", "w_qkv"), lambda w: w.T.reshape(d, 3, h, k)
         )
-        table[f"{b}.attn.qkv.bias"] = _Entry((3 * d,), (*path, "attn", "b_qkv"), lambda w: w.reshape(3, h, k))
-        table[f"{b}.attn.proj.weight"] = _Entry(
+        table[f"{b}.attn.qkv.bias"] = Entry((3 * d,), (*path, "attn", "b_qkv"), lambda w: w.reshape(3, h, k))
+        table[f"{b}.attn.proj.weight"] = Entry(
             (d, d), (*path, "attn", "w_out"), lambda w: w.T.reshape(h, k, d)
         )
-        table[f"{b}.attn.proj.bias"] = _Entry((d,), (*path, "attn", "b_out"), _identity)
+        table[f"{b}.attn.proj.bias"] = Entry((d,), (*path, "attn", "b_out"), identity)
         if cfg.qk_norm:
             for name in ("q_norm", "k_norm"):
                 _norm(table, f"{b}.attn.{name}", (*path, "attn", name), k, bias=not rms)
         if cfg.mlp == "swiglu":
-            table[f"{b}.mlp.w12.weight"] = _Entry(
+            table[f"{b}.mlp.w12.weight"] = Entry(
                 (2 * mlp, d), (*path, "mlp", "w_in"), lambda w: w.T.reshape(d, 2, mlp)
             )
-            table[f"{b}.mlp.w12.bias"] = _Entry(
+            table[f"{b}.mlp.w12.bias"] = Entry(
                 (2 * mlp,), (*path, "mlp", "b_in"), lambda w: w.reshape(2, mlp)
             )
             _linear(table, f"{b}.mlp.w3", (*path, "mlp", "fc2"), mlp, d)
@@ -140,35 +122,6 @@ def _fixed_tables(cfg: config_lib.Model) -> dict[str, Callable[[], np.ndarray]]:
     return tables
 
 
-def _names(keys: list[str]) -> str:
-    """Keys for a message, one per pattern: the same key in several blocks reads `blocks.{0..27}.x`."""
-    block_indices: dict[str, list[int]] = {}  # key after "blocks.N." -> the Ns
-    entries = []  # (sort key, text)
-    for key in keys:
-        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
-        if m:
-            block_indices.setdefault(m.group(2), []).append(int(m.group(1)))
-        else:
-            entries.append((_natural_key(key), key))
-    for rest, blocks in block_indices.items():
-        blocks.sort()
-        if len(blocks) == 1:
-            span = str(blocks[0])
-        elif blocks == list(range(blocks[0], blocks[-1] + 1)):
-            span = f"{{{blocks[0]}..{blocks[-1]}}}"
-        else:
-            span = "{" + ",".join(map(str, blocks)) + "}"
-        entries.append((_natural_key(f"blocks.{blocks[0]}.{rest}"), f"blocks.{span}.{rest}"))
-    shown = [text for _, text in sorted(entries)]
-    text = ", ".join(shown[:MAX_NAMED])
-    return text + (f", ... ({len(shown) - MAX_NAMED} more)" if len(shown) > MAX_NAMED else "")
-
-
-def _natural_key(key: str) -> tuple:
-    """blocks.2 before blocks.10; numbers and names never compared with each other."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split("."))
-
-
 def _describe_config(cfg: config_lib.Model) -> str:
     text = (
         f"image_size={cfg.image_size}, patch_size={cfg.patch_size}, in_channels={cfg.in_channels}, "
@@ -182,12 +135,6 @@ def _describe_config(cfg: config_lib.Model) -> str:
     if cfg.repa_depth:
         text += f", repa_projector_dim={cfg.repa_projector_dim}, repa_feature_dim={cfg.repa_feature_dim}"
     return text
-
-
-def _set(tree: dict, path: tuple, value: np.ndarray) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def strip_wrapper_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -244,8 +191,8 @@ def convert_dit_family(state_dict: Mapping[str, Any], cfg: config_lib.Model, fam
     missing = sorted(expected_keys - set(state_dict))
     unexpected = sorted(set(state_dict) - expected_keys)
     if missing or unexpected:
-        parts = [f"missing keys: {_names(missing)}"] if missing else []
-        parts += [f"unexpected keys: {_names(unexpected)}"] if unexpected else []
+        parts = [f"missing keys: {describe_keys(missing)}"] if missing else []
+        parts += [f"unexpected keys: {describe_keys(unexpected)}"] if unexpected else []
         raise CheckpointFormatError(header + "; ".join(parts) + _hints(missing, unexpected, cfg))
     params: dict = {}
     bad_shapes = []
@@ -257,7 +204,7 @@ def convert_dit_family(state_dict: Mapping[str, Any], cfg: config_lib.Model, fam
                 f"expected {entry.shape}"
             )
             continue
-        _set(params, entry.path, np.ascontiguousarray(entry.transform(value), dtype=np.float32))
+        set_path(params, entry.path, np.ascontiguousarray(entry.transform(value), dtype=np.float32))
     if bad_shapes:
         hint = ""
         rows = np.shape(state_dict["y_embedder.embedding_table.weight"])[0]
