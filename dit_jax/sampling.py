@@ -119,15 +119,17 @@ def generate(
     sampler: config_lib.Sampler | None = None,
     progress: bool = True,
     decoder: LatentDecoder | None = None,
+    sample_fn=None,
 ) -> np.ndarray:
     """Samples one image per label; returns uint8 [N, H, W, C]. Batches are padded to a multiple
     of the data-parallel size; batch b uses key fold_in(seed, b). A latents run's samples are
-    decoded by `decoder` (default: `make_decoder(cfg, mesh)`, which loads the VAE)."""
+    decoded by `decoder` (default: `make_decoder(cfg, mesh)`, which loads the VAE). `sample_fn`:
+    a `make_sample_fn(cfg, spec, sampler, mesh)` to reuse (and its compilation) across calls."""
     sampler = sampler or cfg.sampler
     decoder = decoder or make_decoder(cfg, mesh)
     dp = mesh_lib.data_parallel_size(mesh)
     batch_size = max(dp, batch_size // dp * dp)
-    fn = make_sample_fn(cfg, spec, sampler, mesh)
+    fn = sample_fn or make_sample_fn(cfg, spec, sampler, mesh)
     num_batches = math.ceil(len(labels) / batch_size)
     out = []
     batches = range(num_batches)

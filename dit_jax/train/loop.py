@@ -77,6 +77,7 @@ class Trainer:
         self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
         self._best: Checkpointer | None = None
         self._decoder: sampling.LatentDecoder | None = None
+        self._sample_fn = None
 
     def decoder(self) -> sampling.LatentDecoder | None:
         """The VAE decoder of a latents run (None in pixel space), loaded and jitted on first use
@@ -84,6 +85,13 @@ class Trainer:
         if self._decoder is None:
             self._decoder = sampling.make_decoder(self.cfg, self.mesh)
         return self._decoder
+
+    def sample_fn(self):
+        """The jitted sampler of cfg.sampler, built once: every grid and evaluation reuses its
+        compilation."""
+        if self._sample_fn is None:
+            self._sample_fn = sampling.make_sample_fn(self.cfg, self.spec, self.cfg.sampler, self.mesh)
+        return self._sample_fn
 
     def abstract_state(self) -> state_lib.TrainState:
         return abstract_with_shardings(state_lib.abstract_state(self.cfg, self.spec, self.tx), self.shardings)
@@ -114,6 +122,7 @@ class Trainer:
             seed=self.cfg.seed,
             progress=False,
             decoder=self.decoder(),
+            sample_fn=self.sample_fn(),
         )
         if jax.process_index() == 0:
             os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
@@ -138,6 +147,7 @@ class Trainer:
             batch_size=cfg.eval.batch_size,
             progress=False,
             decoder=self.decoder(),
+            sample_fn=self.sample_fn(),
         )
         metrics = eval_lib.run_metrics(cfg, images, labels if cfg.model.num_classes else None)
         writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
