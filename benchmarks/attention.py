@@ -27,7 +27,7 @@ import pallas_kernels
 from pallas_kernels import masks
 
 DEFAULTS = {
-    "cpu": dict(seq=[512, 1024], head_dim=[64], impl=["xla", "chunked"], dtype="float32", heads=4),
+    "cpu": dict(seq=[512, 1024], head_dim=[64], impl=["dense", "xla", "chunked"], dtype="float32", heads=4),
     "gpu": dict(
         seq=[1024, 2048, 4096, 8192, 16384, 32768],
         head_dim=[64, 72, 128],

@@ -15,7 +15,11 @@ The PyTorch step is lighter than ours: no EMA update and no non-finite guard (bo
 step), and plain MSE on eps where a learn-sigma config adds the VLB term on our side; diffusers'
 DiT carries its own timestep/label embedder in every block (+7M parameters for S/2, negligible
 FLOPs). On a shared machine, pin the process (`taskset -c N ... --torch_threads=1`) for ratios
-that other processes' load does not skew; see benchmarks/results/README.md.
+that other processes' load does not skew; see benchmarks/results/README.md. `step_cpu_s` /
+`torch_step_cpu_s` / `cpu_speed_vs_torch` are the same medians in process CPU seconds (all threads):
+with a one-core pin, the time the step actually ran, without the time spent waiting for the core
+while other processes held it. `--also_attention xla` adds the JAX step with another attention
+implementation to the same interleaved rounds (an A/B that shares the machine's load).
 """
 
 from __future__ import annotations
@@ -103,6 +107,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         help="also time diffusers' DiTTransformer2DModel (needs the `torch` extra)",
     )
     parser.add_argument("--torch_threads", type=int, default=0, help="0: the cores this process may use")
+    parser.add_argument(
+        "--also_attention",
+        nargs="*",
+        default=[],
+        metavar="IMPL",
+        help="also time the JAX step with config.attention.impl=IMPL (same process, interleaved rounds: "
+        "an A/B comparison that shares the machine load), e.g. --also_attention xla",
+    )
     return parser.parse_known_args(argv)
 
 
@@ -141,13 +153,13 @@ def jax_stepper(cfg) -> tuple[Callable[[], None], dict[str, Any]]:
         batch = global_batch(local, mesh)
         state = state_lib.init_state(cfg, spec, tx, shardings)
         t0 = time.perf_counter()
-        compiled = step_fn.lower(state, batch).compile()
+        compiled = step_fn.lower(state, batch, None).compile()
         compile_s = time.perf_counter() - t0
     holder = {"state": state}
 
     def run() -> None:
         with jax.set_mesh(mesh):
-            holder["state"], metrics = compiled(holder["state"], batch)
+            holder["state"], metrics = compiled(holder["state"], batch, None)
         jax.block_until_ready(metrics["loss"])
 
     info = {"compile_s": compile_s, "num_params": sum(x.size for x in jax.tree.leaves(state.params))}
@@ -196,12 +208,15 @@ def torch_stepper(cfg, threads: int) -> tuple[Callable[[], None], dict[str, Any]
     return run, info
 
 
-def time_steps(run: Callable[[], None], steps: int) -> list[float]:
+def time_steps(run: Callable[[], None], steps: int, cpu: list[float] | None = None) -> list[float]:
+    """Wall seconds per step; also appends the process CPU seconds per step to `cpu` if given."""
     times = []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run()
         times.append(time.perf_counter() - t0)
+        if cpu is not None:
+            cpu.append(time.process_time() - c0)
     return times
 
 
@@ -226,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     jax_run, jax_info = jax_stepper(cfg)
     print(f"jax: {jax_info['num_params'] / 1e6:.2f}M params, compiled in {jax_info['compile_s']:.1f}s")
     runners = {"jax": jax_run}
+    for impl in args.also_attention:
+        alt_cfg = build_config(args.config, args.batch_size, [*overrides, f"--config.attention.impl={impl}"])
+        runners[f"jax[{impl}]"], alt_info = jax_stepper(alt_cfg)
+        print(f"jax[{impl}]: compiled in {alt_info['compile_s']:.1f}s")
     torch_info: dict[str, Any] = {}
     if args.torch_reference:
         try:
@@ -239,16 +258,19 @@ def main(argv: list[str] | None = None) -> int:
         time_steps(run, args.warmup)
 
     times: dict[str, list[float]] = {name: [] for name in runners}
+    cpu_times: dict[str, list[float]] = {name: [] for name in runners}
+    round_ratios: list[dict[str, float]] = []
     for r in range(args.rounds):
         line = []
         for name, run in runners.items():
-            t = time_steps(run, args.steps)
+            t = time_steps(run, args.steps, cpu_times[name])
             times[name] += t
             line.append(f"{name} {statistics.median(t) * 1e3:.1f} ms")
         ratio = ""
         if "torch" in runners:
             last = {name: statistics.median(t[-args.steps :]) for name, t in times.items()}
             ratio = f"  (torch/jax {last['torch'] / last['jax']:.2f})"
+            round_ratios.append({name: last["torch"] / t for name, t in last.items() if name != "torch"})
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(line) + ratio)
 
     step_s = statistics.median(times["jax"])
@@ -275,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cores": len(os.sched_getaffinity(0)),
         "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "step_cpu_s": statistics.median(cpu_times["jax"]),
     }
     print(
         f"jax: {step_s * 1e3:.1f} ms/step, {result['img_per_s']:.1f} img/s, "
@@ -289,8 +312,27 @@ def main(argv: list[str] | None = None) -> int:
             speed_vs_torch=torch_s / step_s,
             torch=torch.__version__,
             torch_threads=torch_info["threads"],
+            rounds_torch_over_jax=[round(r["jax"], 3) for r in round_ratios],
+            torch_step_cpu_s=statistics.median(cpu_times["torch"]),
+            cpu_speed_vs_torch=statistics.median(cpu_times["torch"]) / statistics.median(cpu_times["jax"]),
         )
         print(f"torch: {torch_s * 1e3:.1f} ms/step; JAX speed vs torch: {torch_s / step_s:.2f}x")
+    alternatives = {}
+    for impl in args.also_attention:
+        name = f"jax[{impl}]"
+        alt_s = statistics.median(times[name])
+        alternatives[impl] = {"step_s": alt_s, "step_cpu_s": statistics.median(cpu_times[name])}
+        line = f"{name}: {alt_s * 1e3:.1f} ms/step"
+        if "torch" in runners:
+            alternatives[impl].update(
+                speed_vs_torch=torch_s / alt_s,
+                cpu_speed_vs_torch=statistics.median(cpu_times["torch"]) / statistics.median(cpu_times[name]),
+                rounds_torch_over_jax=[round(r[name], 3) for r in round_ratios],
+            )
+            line += f"; speed vs torch: {torch_s / alt_s:.2f}x"
+        print(line)
+    if alternatives:
+        result["also_attention"] = alternatives
     if args.json:
         print(json.dumps(result))
     return 0

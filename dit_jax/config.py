@@ -158,7 +158,7 @@ class Attention:
     mask: str = "full"
 
     def __post_init__(self):
-        _check_choice(self.impl, "attention.impl", ("auto", "xla", "chunked", "cudnn", "pallas"))
+        _check_choice(self.impl, "attention.impl", ("auto", "xla", "dense", "chunked", "cudnn", "pallas"))
         self.window()
 
     def window(self) -> tuple[int, int] | None:

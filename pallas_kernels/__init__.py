@@ -1,7 +1,8 @@
 """Attention kernels behind one entry point: `attention(q, k, v, ...)`.
 
 Layout [batch, seq, heads, head_dim]; grouped-query heads allowed. Implementations "xla"
-(reference), "chunked" (XLA blockwise, O(seq) memory), "cudnn", "pallas" (GPU or TPU kernel).
+(reference), "dense" (the reference's math with a hand-written backward, the CPU default for short
+sequences), "chunked" (XLA blockwise, O(seq) memory), "cudnn", "pallas" (GPU or TPU kernel).
 Masks live in `pallas_kernels.masks`; see /work/shared/KERNELS.md for the design brief.
 """
 

@@ -1,6 +1,7 @@
 """The entry point: validates inputs, resolves the mask and picks an implementation.
 
-Implementations: "xla" (dense reference), "chunked" (XLA blockwise, O(seq) memory), "cudnn"
+Implementations: "xla" (dense reference, plain autodiff), "dense" (the same math with a hand-written
+backward, the CPU default for short sequences), "chunked" (XLA blockwise, O(seq) memory), "cudnn"
 (dense, `jax.nn.dot_product_attention`), "pallas" (the GPU or TPU kernel by backend; on CPU the GPU
 kernel in interpret mode), and "pallas_gpu" / "pallas_tpu" to force one kernel family (for tests
 in interpret mode). "auto" picks per backend and shape; an unsupported explicit request raises.
@@ -11,12 +12,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import chunked, reference
+from pallas_kernels import chunked, dense, reference
 from pallas_kernels import masks as masks_lib
 
-IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "pallas", "pallas_gpu", "pallas_tpu")
+IMPLEMENTATIONS = ("auto", "xla", "dense", "chunked", "cudnn", "pallas", "pallas_gpu", "pallas_tpu")
 
-#: On CPU, "auto" uses the dense reference while B * H * Lq * Lk f32 scores stay below this size.
+#: On CPU, "auto" uses the dense path while B * H * Lq * Lk f32 scores stay below this size.
 DENSE_SCORE_BYTES = 64 * 2**20
 
 
@@ -58,7 +59,7 @@ def choose(q_shape, k_shape, dtype, mask: masks_lib.Mask, has_segments: bool, ba
             return "pallas"
         return "chunked"
     if batch * heads * seq_q * seq_kv * 4 <= DENSE_SCORE_BYTES:
-        return "xla"
+        return "dense"
     return "chunked"
 
 
@@ -98,6 +99,8 @@ def attention_with_lse(
         implementation = choose(q.shape, k.shape, q.dtype, static, has_seg, jax.default_backend())
     if implementation == "xla":
         return reference.attention(q, k, v, mask=static, q_ids=q_ids, kv_ids=kv_ids, scale=scale)
+    if implementation == "dense":
+        return dense.attention(q, k, v, mask=static, q_ids=q_ids, kv_ids=kv_ids, scale=scale)
     if implementation == "chunked":
         return chunked.attention(q, k, v, mask=static, scale=scale, q_ids=q_ids, kv_ids=kv_ids)
     if implementation == "cudnn":

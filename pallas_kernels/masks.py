@@ -45,7 +45,11 @@ __all__ = [
 
 
 def _kinds(nonempty: np.ndarray, full: np.ndarray) -> np.ndarray:
-    return np.where(full, FULL, np.where(nonempty, PARTIAL, EMPTY)).astype(np.int8)
+    """EMPTY / PARTIAL / FULL (0 / 1 / 2) from two boolean arrays: (nonempty | full) + full."""
+    nonempty, full = np.broadcast_arrays(nonempty, full)
+    kinds = (nonempty | full).astype(np.int8)
+    kinds += full
+    return kinds
 
 
 class Mask(abc.ABC):
@@ -53,6 +57,10 @@ class Mask(abc.ABC):
 
     #: whether `mask_fn` is pure index arithmetic (evaluable inside a Pallas kernel).
     in_kernel: bool = True
+
+    #: whether plans call `classify` on chunks of query-block rows (keeps temporaries small); False
+    #: for masks that chunk internally and share work across all rows (neighbourhoods).
+    classify_in_chunks: bool = True
 
     @abc.abstractmethod
     def mask_fn(self, q_idx, kv_idx):
@@ -143,6 +151,8 @@ class _Neighborhood(Mask):
             out = term if out is None else out & term
         return out
 
+    classify_in_chunks = False
+
     def classify(self, q_start, q_stop, kv_start, kv_stop):
         return neighborhood.classify(self.grid, self.window, self.tile, q_start, q_stop, kv_start, kv_stop)
 
@@ -183,13 +193,21 @@ class FrameTile(Mask):
         return (abs(fq - fk) <= self.radius) | (fk < self.global_frames)
 
     def classify(self, q_start, q_stop, kv_start, kv_stop):
-        n = self.tokens_per_frame
-        qf0, qf1 = (q_start // n)[:, None], ((q_stop - 1) // n)[:, None]
-        kf0, kf1 = (kv_start // n)[None, :], ((kv_stop - 1) // n)[None, :]
-        near = np.maximum(0, np.maximum(kf0 - qf1, qf0 - kf1)) <= self.radius
-        nonempty = near | (kf0 < self.global_frames)
-        local0 = np.maximum(kf0, self.global_frames)  # first key frame that is not global
-        full = (local0 > kf1) | (np.maximum(kf1 - qf0, qf1 - local0) <= self.radius)
+        # Frame ranges [f0, f1] of each block; per-block thresholds first, so that every [nq, nk]
+        # operation is one broadcast comparison or logical op.
+        n, r, g = self.tokens_per_frame, self.radius, self.global_frames
+        qf0, qf1 = q_start // n, (q_stop - 1) // n
+        kf0, kf1 = kv_start // n, (kv_stop - 1) // n
+        # Some pair within the radius: kf0 - qf1 <= r and qf0 - kf1 <= r; or a global key frame.
+        nonempty = (kf0[None, :] <= (qf1 + r)[:, None]) & (kf1[None, :] >= (qf0 - r)[:, None])
+        if r < 0:  # no frame is within a negative radius
+            nonempty[...] = False
+        nonempty |= (kf0 < g)[None, :]
+        # Every pair visible: the non-global key frames [max(kf0, g), kf1] (maybe none) are all
+        # within the radius of every query frame.
+        local0 = np.maximum(kf0, g)
+        full = (kf1[None, :] <= (qf0 + r)[:, None]) & (local0[None, :] >= (qf1 - r)[:, None])
+        full |= (local0 > kf1)[None, :]
         return _kinds(nonempty, full)
 
     def check_shape(self, seq_q, seq_kv):
@@ -255,8 +273,8 @@ class BlockSparse(Mask):
         bm.setflags(write=False)
         object.__setattr__(self, "block_mask", bm)
         object.__setattr__(self, "block_shape", tuple(int(b) for b in self.block_shape))
-        counts = np.zeros((bm.shape[0] + 1, bm.shape[1] + 1), np.int64)
-        counts[1:, 1:] = bm.astype(np.int64).cumsum(0).cumsum(1)
+        counts = np.zeros((bm.shape[0] + 1, bm.shape[1] + 1), np.int32)
+        counts[1:, 1:] = bm.astype(np.int32).cumsum(0).cumsum(1)
         object.__setattr__(self, "_counts", counts)
         object.__setattr__(self, "_hash", hash((self.block_shape, bm.shape, bm.tobytes())))
 
@@ -284,11 +302,11 @@ class BlockSparse(Mask):
 
     def classify(self, q_start, q_stop, kv_start, kv_stop):
         bq, bk = self.block_shape
-        r0, r1 = (q_start // bq)[:, None], ((q_stop - 1) // bq + 1)[:, None]
-        c0, c1 = (kv_start // bk)[None, :], ((kv_stop - 1) // bk + 1)[None, :]
-        s = self._counts
-        count = s[r1, c1] - s[r0, c1] - s[r1, c0] + s[r0, c0]
-        return _kinds(count > 0, count == (r1 - r0) * (c1 - c0))
+        r0, r1 = q_start // bq, (q_stop - 1) // bq + 1
+        c0, c1 = kv_start // bk, (kv_stop - 1) // bk + 1
+        rows = self._counts[r1] - self._counts[r0]  # [nq, cols + 1]: set blocks per column prefix
+        count = rows.take(c1, axis=1) - rows.take(c0, axis=1)
+        return _kinds(count > 0, count == (r1 - r0)[:, None] * (c1 - c0)[None, :])
 
     def check_shape(self, seq_q, seq_kv):
         need = (math.ceil(seq_q / self.block_shape[0]), math.ceil(seq_kv / self.block_shape[1]))
@@ -317,6 +335,10 @@ class And(Mask):
     def in_kernel(self) -> bool:
         return all(c.in_kernel for c in self.children)
 
+    @property
+    def classify_in_chunks(self) -> bool:
+        return all(c.classify_in_chunks for c in self.children)
+
     def mask_fn(self, q_idx, kv_idx):
         out = self.children[0].mask_fn(q_idx, kv_idx)
         for child in self.children[1:]:
@@ -324,8 +346,13 @@ class And(Mask):
         return out
 
     def classify(self, q_start, q_stop, kv_start, kv_stop):
-        kinds = [c.classify(q_start, q_stop, kv_start, kv_stop) for c in self.children]
-        return np.minimum.reduce(kinds).astype(np.int8)
+        return self._combine(np.minimum, q_start, q_stop, kv_start, kv_stop)
+
+    def _combine(self, op, *bounds) -> np.ndarray:
+        kinds = np.array(self.children[0].classify(*bounds), np.int8)  # a fresh, writable copy
+        for child in self.children[1:]:
+            op(kinds, child.classify(*bounds), out=kinds)
+        return kinds
 
     def check_shape(self, seq_q, seq_kv):
         for child in self.children:
@@ -349,8 +376,7 @@ class Or(And):
         return out
 
     def classify(self, q_start, q_stop, kv_start, kv_stop):
-        kinds = [c.classify(q_start, q_stop, kv_start, kv_stop) for c in self.children]
-        return np.maximum.reduce(kinds).astype(np.int8)
+        return self._combine(np.maximum, q_start, q_stop, kv_start, kv_stop)
 
     def batch_segments(self, batch, seq_q, seq_kv):
         if any(c.batch_segments(batch, seq_q, seq_kv) is not None for c in self.children):

@@ -64,60 +64,110 @@ def coords(idx, grid: tuple[int, ...], tile: tuple[int, ...] | None = None):
     return [o * t + i for o, i, t in zip(outer, inner, tile, strict=True)]
 
 
-def _boxes(starts, stops, grid, tile) -> tuple[np.ndarray, np.ndarray]:
-    """Per-axis coordinate intervals [n, max_boxes, ndim, 2] and validity [n, max_boxes]."""
+def _box_templates(offsets, lengths, radix) -> tuple[list[list[list[tuple[int, int]]]], np.ndarray]:
+    """Box lists of the ranges [offset, offset + length) for the distinct (offset, length) pairs."""
+    pairs, inverse = np.unique(np.stack([offsets, lengths], 1), axis=0, return_inverse=True)
+    lists = [_radix_boxes(int(a), int(a + n), radix) for a, n in pairs]
+    return lists, inverse.reshape(-1)
+
+
+def _boxes(starts, stops, grid, tile) -> np.ndarray:
+    """Per-axis coordinate intervals [n, max_boxes, ndim, 2] (int32) of each token range.
+
+    Padding boxes are empty intervals (lo = +BIG, hi = -BIG), which no key is near and every key is
+    within. A range [a, b) is the range [a mod inner, a mod inner + b - a) shifted by a // inner
+    along the outermost radix digit (inner = the product of the other digits), so only the distinct
+    (a mod inner, b - a) pairs (few, for equal blocks) are decomposed in Python.
+    """
     nd = len(grid)
     radix = grid if tile is None else tuple(g // t for g, t in zip(grid, tile, strict=True)) + tile
-    per = [_radix_boxes(int(a), int(b), radix) for a, b in zip(starts, stops, strict=True)]
-    most = max(len(p) for p in per)
-    boxes = np.zeros((len(per), most, nd, 2), np.int32)
-    valid = np.zeros((len(per), most), bool)
-    for i, blist in enumerate(per):
+    inner = math.prod(radix[1:])
+    starts, stops = np.asarray(starts, np.int64), np.asarray(stops, np.int64)
+    high, low = np.divmod(starts, inner)
+    lists, which = _box_templates(low, stops - starts, radix)
+    most = max(1, max(len(b) for b in lists))
+    templates = np.empty((len(lists), most, nd, 2), np.int64)
+    templates[..., 0], templates[..., 1] = _BIG, -_BIG
+    for i, blist in enumerate(lists):
         for j, box in enumerate(blist):
             if tile is None:
-                boxes[i, j] = box
+                templates[i, j] = box
             else:
                 for d, t in enumerate(tile):
                     (o0, o1), (i0, i1) = box[d], box[nd + d]
-                    boxes[i, j, d] = (o0 * t + i0, o1 * t + i1)
-            valid[i, j] = True
-    return boxes, valid
+                    templates[i, j, d] = (o0 * t + i0, o1 * t + i1)
+    boxes = templates[which]
+    valid = boxes[..., 0, 0] <= boxes[..., 0, 1]
+    boxes[..., 0, :] += np.where(valid, (high * (tile[0] if tile else 1))[:, None], 0)[..., None]
+    return boxes.astype(np.int32)
+
+
+_BIG = 1 << 30
+
+
+#: Elements per broadcast comparison in `classify` (keeps temporaries in cache).
+_CHUNK = 1 << 17
 
 
 def classify(grid, window, tile, q_start, q_stop, kv_start, kv_stop) -> np.ndarray:
-    """Block kinds [nq, nk] of a neighbourhood mask (see the module docstring)."""
+    """Block kinds [nq, nk] of a neighbourhood mask (see the module docstring).
+
+    A query box and a key box have a visible pair iff on every axis the intervals are within half
+    the window of each other (kb0 <= qb1 + h and kb1 >= qb0 - h), and all pairs are visible iff on
+    every axis kb1 <= qb0 + h and kb0 >= qb1 - h. Rows are processed in chunks, each over the
+    contiguous range of key blocks that the band of its rows allows.
+    """
     nq, nk = len(q_start), len(kv_start)
-    half = np.asarray([w // 2 for w in window])
-    qbox, qvalid = _boxes(q_start, q_stop, grid, tile)
-    kbox, kvalid = _boxes(kv_start, kv_stop, grid, tile)
+    half = np.asarray([w // 2 for w in window], np.int32)
+    qbox = _boxes(q_start, q_stop, grid, tile)
+    same = nq == nk and np.array_equal(q_start, kv_start) and np.array_equal(q_stop, kv_stop)
+    kbox = qbox if same else _boxes(kv_start, kv_stop, grid, tile)
+    qvalid = qbox[:, :, 0, 0] <= qbox[:, :, 0, 1]
     # Band of candidate key blocks allowed by the outermost axis.
-    lo = np.where(qvalid, qbox[:, :, 0, 0], np.iinfo(np.int32).max).min(1) - half[0]
+    lo = np.where(qvalid, qbox[:, :, 0, 0], _BIG).min(1) - half[0]
     hi = np.where(qvalid, qbox[:, :, 0, 1], -1).max(1) + half[0]
     unit = tile[0] if tile else 1
     stride = math.prod(grid) // (grid[0] // unit)
     tok_lo = np.maximum(lo, 0) // unit * stride
     tok_hi = (np.minimum(hi, grid[0] - 1) // unit + 1) * stride
     blk_lo = np.searchsorted(kv_stop, tok_lo, side="right")
-    blk_hi = np.searchsorted(kv_start, tok_hi, side="left")
-    width = max(int((blk_hi - blk_lo).max()), 1)
+    blk_hi = np.maximum(np.searchsorted(kv_start, tok_hi, side="left"), blk_lo)
+    # Thresholds of the four comparisons per query box and axis ([nq, 1] each) and key intervals
+    # per key box and axis ([1, nk] each): every operation below is a 2-D broadcast comparison.
+    q_thr = []  # per query box, per axis: (near_hi, near_lo, within_hi, within_lo), each [nq, 1]
+    for i in range(qbox.shape[1]):
+        q_thr.append([])
+        for d, h in enumerate(half.tolist()):
+            q0, q1 = qbox[:, i, d, 0, None], qbox[:, i, d, 1, None]
+            q_thr[-1].append((q1 + h, q0 - h, q0 + h, q1 - h))
+    k_int = [  # per key box, per axis: (lo, hi), each [1, nk]
+        [(kbox[None, :, j, d, 0], kbox[None, :, j, d, 1]) for d in range(len(grid))]
+        for j in range(kbox.shape[1])
+    ]
     kinds = np.zeros((nq, nk), np.int8)
-    pairs = width * qbox.shape[1] * kbox.shape[1] * len(grid)
-    step = max(1, (1 << 21) // pairs)
+    width = max(int((blk_hi - blk_lo).max(initial=0)), 1)
+    step = int(np.clip(_CHUNK // width, 1, 64))
     for r0 in range(0, nq, step):
-        rs = slice(r0, min(nq, r0 + step))
-        cand = blk_lo[rs, None] + np.arange(width)[None, :]  # [rows, width]
-        in_band = cand < blk_hi[rs, None]
-        cand = np.minimum(cand, nk - 1)
-        qb = qbox[rs, None, :, None]  # [rows, 1, mbq, 1, nd, 2]
-        kb = kbox[cand][:, :, None]  # [rows, width, 1, mbk, nd, 2]
-        min_dist = np.maximum(kb[..., 0] - qb[..., 1], qb[..., 0] - kb[..., 1])
-        max_dist = np.maximum(kb[..., 1] - qb[..., 0], qb[..., 1] - kb[..., 0])
-        pair_ok = qvalid[rs, None, :, None] & kvalid[cand][:, :, None, :]
-        any_pair = ((min_dist <= half).all(-1) & pair_ok).any((2, 3))
-        all_pair = ((max_dist <= half).all(-1) | ~pair_ok).all((2, 3))
-        band = np.where(all_pair, FULL, np.where(any_pair, PARTIAL, EMPTY)).astype(np.int8)
-        rows = np.broadcast_to(np.arange(rs.start, rs.stop)[:, None], cand.shape)
-        kinds[rows[in_band], cand[in_band]] = band[in_band]
+        r1 = min(nq, r0 + step)
+        c0, c1 = int(blk_lo[r0:r1].min()), int(blk_hi[r0:r1].max())
+        if c0 >= c1:
+            continue
+        rs, cs = slice(r0, r1), slice(c0, c1)
+        nonempty = full = None  # some pair of boxes near / every pair within
+        for q_axes in q_thr:
+            for k_axes in k_int:
+                near = within = None
+                for (near_hi, near_lo, within_hi, within_lo), (k0, k1) in zip(q_axes, k_axes, strict=True):
+                    k0, k1 = k0[:, cs], k1[:, cs]
+                    n_d = (k0 <= near_hi[rs]) & (k1 >= near_lo[rs])
+                    w_d = (k1 <= within_hi[rs]) & (k0 >= within_lo[rs])
+                    near = n_d if near is None else np.logical_and(near, n_d, out=near)
+                    within = w_d if within is None else np.logical_and(within, w_d, out=within)
+                nonempty = near if nonempty is None else np.logical_or(nonempty, near, out=nonempty)
+                full = within if full is None else np.logical_and(full, within, out=full)
+        out = kinds[rs, cs]  # a view: EMPTY 0, PARTIAL 1, FULL 2 = nonempty + full
+        out[...] = nonempty
+        out += full
     return kinds
 
 

@@ -5,6 +5,11 @@ sampling step reuses it. Rows list their non-empty blocks compacted, FULL blocks
 PARTIAL ones, so a kernel runs two loops (unmasked, then masked) with no per-tile branch. Entries
 past a row's count repeat its last block, so a TPU pipeline that follows the table fetches nothing
 new for them (the "shrunken grid": only as many steps as the busiest row needs).
+
+Construction is vectorised numpy over chunks of block rows (`CHUNK` blocks at a time): the cost
+grows with the number of blocks, and every temporary stays small. Whole-plan temporaries (1 MiB
+and more for 128k tokens in 128-token blocks) would each be fresh memory from the OS, and their
+page faults, not the arithmetic, would dominate (3-5x slower).
 """
 
 from __future__ import annotations
@@ -36,19 +41,70 @@ class Compacted:
         return np.concatenate([self.n_full[:, None], self.count[:, None], self.index], axis=1)
 
 
+#: Blocks per row chunk during construction (temporaries of at most a few hundred KiB).
+CHUNK = 1 << 17
+
+
+def _row_chunks(n_rows: int, n_cols: int):
+    step = max(1, CHUNK // max(n_cols, 1))
+    return [slice(r, min(r + step, n_rows)) for r in range(0, n_rows, step)]
+
+
+def _repeats_previous(parts: list[np.ndarray]) -> np.ndarray:
+    """[rows] bool: whether each row equals the row before it (`parts`: contiguous row chunks)."""
+    out, prev = [], None
+    for k in parts:
+        first = np.array([prev is not None and np.array_equal(k[0], prev)])
+        out += [first, (k[1:] == k[:-1]).all(axis=1)]
+        prev = k[-1]
+    return np.concatenate(out)
+
+
 def _compact(kinds: np.ndarray) -> Compacted:
-    order = np.argsort(-kinds, axis=1, kind="stable")  # FULL, then PARTIAL, then EMPTY
-    sorted_kinds = np.take_along_axis(kinds, order, axis=1)
-    count = (sorted_kinds != EMPTY).sum(1).astype(np.int32)
-    n_full = (sorted_kinds == FULL).sum(1).astype(np.int32)
-    steps = max(int(count.max(initial=0)), 1)
-    index, kind = order[:, :steps].astype(np.int32), sorted_kinds[:, :steps].astype(np.int8)
-    last = np.take_along_axis(index, np.maximum(count - 1, 0)[:, None].astype(np.int64), axis=1)
-    pad = np.arange(steps)[None, :] >= count[:, None]
-    index = np.where(pad, last, index).astype(np.int32)
+    """FULL blocks, then PARTIAL ones, each in ascending order; padded with the row's last block.
+
+    `kinds` may be a transposed view. Runs of identical consecutive rows (full attention, key
+    padding, the rows of one frame in FrameTile) are compacted once and repeated; the rest is, per
+    row chunk, boolean passes and a scatter of the non-empty blocks (no per-row sort).
+    """
+    n_rows, n_cols = kinds.shape
+    chunks = _row_chunks(n_rows, n_cols)
+    parts = [np.ascontiguousarray(kinds[rs]) for rs in chunks]  # one pass over a transposed view
+    repeats = _repeats_previous(parts) if n_rows > 1 else np.zeros(1, bool)
+    if repeats.any():
+        one = _compact(np.concatenate([k[~repeats[rs]] for rs, k in zip(chunks, parts, strict=True)]))
+        run = np.cumsum(~repeats) - 1  # the run (= row of `one`) of every row
+        index, kind, count, n_full = (a[run] for a in (one.index, one.kind, one.count, one.n_full))
+    else:
+        n_full, count = np.empty(n_rows, np.int32), np.empty(n_rows, np.int32)
+        for rs, k in zip(chunks, parts, strict=True):
+            n_full[rs] = np.count_nonzero(k == FULL, axis=1)
+            count[rs] = np.count_nonzero(k, axis=1)  # EMPTY is 0
+        steps = max(int(count.max(initial=0)), 1)  # <= n_cols: the same chunks fit the outputs
+        index, kind = np.empty((n_rows, steps), np.int32), np.empty((n_rows, steps), np.int8)
+        step = np.arange(steps, dtype=np.int32)[None, :]
+        for rs, k in zip(chunks, parts, strict=True):
+            _compact_rows(k, n_full[rs], count[rs], step, index[rs], kind[rs])
     for a in (index, kind, count, n_full):
         a.setflags(write=False)
     return Compacted(index, kind, n_full, count)
+
+
+def _compact_rows(kinds, n_full, count, step, index_out, kind_out) -> None:
+    """`_compact` of a few contiguous rows, written into `index_out` / `kind_out` [rows, steps]."""
+    n_rows, n_cols = kinds.shape
+    steps = index_out.shape[1]
+    flat = np.zeros(n_rows * steps, np.int32)
+    row = np.arange(n_rows, dtype=np.int64)
+    for value, per_row, offset in ((FULL, n_full, 0), (PARTIAL, count - n_full, n_full)):
+        where = np.flatnonzero(kinds == value)  # row-major: each row's blocks in ascending order
+        first = np.cumsum(per_row, dtype=np.int64) - per_row  # rank of each row's first entry
+        cols = where - np.repeat(row * n_cols, per_row)
+        flat[np.arange(len(where), dtype=np.int64) + np.repeat(row * steps + offset - first, per_row)] = cols
+    index = flat.reshape(n_rows, steps)
+    last = index[row, np.maximum(count - 1, 0)]
+    np.copyto(index_out, np.where(step >= count[:, None], last[:, None], index))
+    np.add((step < count[:, None]), (step < n_full[:, None]), out=kind_out, dtype=np.int8)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -94,11 +150,19 @@ def build_plan(mask: Mask | None, seq_q: int, seq_kv: int, block_q: int, block_k
     mask = Full() if mask is None else mask
     q_start, q_stop = block_bounds(seq_q, block_q)
     kv_start, kv_stop = block_bounds(seq_kv, block_kv)
-    kinds = np.asarray(mask.classify(q_start, q_stop, kv_start, kv_stop), np.int8)
     expect = (math.ceil(seq_q / block_q), math.ceil(seq_kv / block_kv))
+    if mask.classify_in_chunks:
+        kinds = np.empty(expect, np.int8)
+        for rs in _row_chunks(*expect):
+            part = np.asarray(mask.classify(q_start[rs], q_stop[rs], kv_start, kv_stop))
+            if part.shape != (rs.stop - rs.start, expect[1]):
+                raise AssertionError(f"{type(mask).__name__}.classify returned {part.shape} for {rs}")
+            kinds[rs] = part
+    else:
+        kinds = np.asarray(mask.classify(q_start, q_stop, kv_start, kv_stop), np.int8)
     if kinds.shape != expect:
         raise AssertionError(f"{type(mask).__name__}.classify returned {kinds.shape}, expected {expect}")
-    mask_partial = bool((kinds == PARTIAL).any())
+    mask_partial = bool(np.count_nonzero(kinds == PARTIAL))
     if seq_kv % block_kv:  # the last KV block holds padding: never FULL
         kinds[:, -1] = np.minimum(kinds[:, -1], PARTIAL)
     kinds.setflags(write=False)
@@ -109,7 +173,7 @@ def build_plan(mask: Mask | None, seq_q: int, seq_kv: int, block_q: int, block_k
         block_kv=block_kv,
         kinds=kinds,
         rows=_compact(kinds),
-        cols=_compact(np.ascontiguousarray(kinds.T)),
+        cols=_compact(kinds.T),
         mask_partial=mask_partial,
     )
 

@@ -12,17 +12,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import attention, attention_with_lse, chunked, masks, pallas_attention, reference
+from pallas_kernels import attention, attention_with_lse, chunked, dense, masks, pallas_attention, reference
 
-IMPLS = ("chunked", "pallas_gpu", "pallas_tpu")
+IMPLS = ("dense", "chunked", "pallas_gpu", "pallas_tpu")
 
 
-def run_impl(impl, q, k, v, mask=None, q_ids=None, kv_ids=None):
+def run_impl(impl, q, k, v, mask=None, q_ids=None, kv_ids=None, scale=None):
     """(out, lse) of one implementation with small blocks; `mask` is a static Mask."""
     mask = mask or masks.Full()
-    kw = dict(mask=mask, scale=q.shape[-1] ** -0.5, q_ids=q_ids, kv_ids=kv_ids)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    kw = dict(mask=mask, scale=scale, q_ids=q_ids, kv_ids=kv_ids)
     if impl == "xla":
         return reference.attention(q, k, v, **kw)
+    if impl == "dense":
+        return dense.attention(q, k, v, **kw)
     if impl == "chunked":
         return chunked.attention(q, k, v, block_q=16, block_kv=32, **kw)
     if impl == "pallas_gpu":
@@ -173,8 +176,36 @@ def test_public_entry_point_with_segment_ids_and_gqa():
         q_ids=jnp.zeros((2, 48), jnp.int32),
         kv_ids=(jnp.arange(48) >= jnp.array([[20], [48]])).astype(jnp.int32),
     )[0]
-    for impl in ("xla", "chunked", "pallas_gpu"):
+    for impl in ("xla", "dense", "chunked", "pallas_gpu"):
         out, lse = attention_with_lse(q, k, v, mask=mask, implementation=impl)
         np.testing.assert_allclose(out, want, atol=1e-5)
         np.testing.assert_allclose(lse, lse_want, atol=1e-5)
         np.testing.assert_allclose(attention(q, k, v, mask=padded, implementation=impl), want_pad, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, -0.3])
+@pytest.mark.parametrize("mask", [None, masks.Local1D(7, 2)], ids=["full", "local1d"])
+def test_dense_scale_argument(scale, mask):
+    """The hand-written backward of "dense" with a non-default (even negative) scale."""
+    q, k, v, dout = inputs(2, 48, 40, heads=4, kv_heads=2, dim=24, seed=3)
+    got = value_and_grads("dense", q, k, v, dout, mask=mask, scale=scale)
+    want = value_and_grads("xla", q, k, v, dout, mask=mask, scale=scale)
+    assert_close(got, want)
+
+
+def test_auto_on_cpu_is_dense_with_the_reference_gradients():
+    """What the model calls on CPU: "auto" routes to "dense" and matches the plain-autodiff reference."""
+    q, k, v, dout = inputs(2, 64, 64, heads=6, kv_heads=6, dim=16, seed=5)
+
+    def grads(impl):
+        def loss(q, k, v):
+            return (attention(q, k, v, implementation=impl) * dout).sum()
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    (val, got), (val_r, want) = grads("auto"), grads("xla")
+    np.testing.assert_allclose(val, val_r, rtol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=5e-5, rtol=0)
+    jaxpr = str(jax.make_jaxpr(lambda q, k, v: attention(q, k, v, implementation="auto"))(q, k, v))
+    assert "custom_vjp_call" in jaxpr

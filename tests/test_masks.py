@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 
 from pallas_kernels import build_plan, masks, permute, unpermute
+from pallas_kernels import plan as plan_lib
 from pallas_kernels.masks import EMPTY, FULL, PARTIAL
 from pallas_kernels.plan import tile_visible
 
@@ -137,6 +138,40 @@ def test_compacted_lists_and_transposed_plan():
             assert (part.index[r, n:] == (listed[-1] if n else 0)).all()  # padding repeats the last block
         assert part.steps == part.count.max()
     assert plan.kinds[:, -1].max() <= PARTIAL  # 90 keys: the last block holds padding
+
+
+def _reference_compaction(kinds):
+    """Per row: FULL blocks then PARTIAL ones, ascending, padded with the last (a plain stable sort)."""
+    order = np.argsort(-kinds.astype(np.int64), axis=1, kind="stable")
+    count = (kinds != EMPTY).sum(1)
+    steps = max(int(count.max(initial=0)), 1)
+    index = order[:, :steps].copy()
+    for r, n in enumerate(count):
+        index[r, n:] = index[r, n - 1] if n else 0
+    kind = np.take_along_axis(kinds, index, axis=1) * (np.arange(steps) < count[:, None])
+    return index, kind, (kinds == FULL).sum(1), count
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 17])
+def test_plans_built_in_row_chunks_match_a_direct_construction(monkeypatch, chunk):
+    """Plans are built over chunks of block rows (with a uniform-rows shortcut); any chunk size
+    gives the kinds of the dense mask and the compacted lists of a plain sort."""
+    monkeypatch.setattr(plan_lib, "CHUNK", chunk)
+    n = 96
+    cases = [make(n) for make in MASKS] + [masks.Full(), masks.KeyPadding(50)]
+    for mask, (bq, bk) in itertools.product(cases, [(8, 8), (16, 12), (32, 5)]):
+        plan = plan_lib.build_plan.__wrapped__(mask, n, n, bq, bk)  # bypass the cache
+        dense = masks.dense_mask(mask, n, n)
+        for i, j in itertools.product(range(plan.num_q_blocks), range(plan.num_kv_blocks)):
+            tile = dense[i * bq : (i + 1) * bq, j * bk : (j + 1) * bk]
+            assert plan.kinds[i, j] != EMPTY or not tile.any()
+            assert plan.kinds[i, j] != FULL or tile.all()
+        for part, kinds in ((plan.rows, plan.kinds), (plan.cols, plan.kinds.T)):
+            index, kind, n_full, count = _reference_compaction(np.asarray(kinds))
+            np.testing.assert_array_equal(part.index, index, err_msg=repr(mask))
+            np.testing.assert_array_equal(part.kind, kind, err_msg=repr(mask))
+            np.testing.assert_array_equal(part.n_full, n_full)
+            np.testing.assert_array_equal(part.count, count)
 
 
 def test_classification_cost_grows_with_blocks_not_tokens():
