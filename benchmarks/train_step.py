@@ -11,15 +11,16 @@ times diffusers' `DiTTransformer2DModel` (eager, AdamW, MSE on eps) in the same 
 alternating rounds of JAX and PyTorch steps so that both see the same machine load, and adds
 `torch_step_s` and `speed_vs_torch` (= torch_step_s / step_s; > 1 means JAX is faster).
 
-The PyTorch step is lighter than ours: no EMA update and no non-finite guard (both in the JAX
-step), and plain MSE on eps where a learn-sigma config adds the VLB term on our side; diffusers'
-DiT carries its own timestep/label embedder in every block (+7M parameters for S/2, negligible
-FLOPs). On a shared machine, pin the process (`taskset -c N ... --torch_threads=1`) for ratios
-that other processes' load does not skew; see benchmarks/results/README.md. `step_cpu_s` /
-`torch_step_cpu_s` / `cpu_speed_vs_torch` are the same medians in process CPU seconds (all threads):
-with a one-core pin, the time the step actually ran, without the time spent waiting for the core
-while other processes held it. `--also_attention xla` adds the JAX step with another attention
-implementation to the same interleaved rounds (an A/B that shares the machine's load).
+The PyTorch step is the step of DiT's train.py: forward, MSE on eps, backward, AdamW, and the EMA
+update (`update_ema`, here with torch._foreach ops). It is lighter than ours only by the non-finite
+guard and, for a learn-sigma config, the VLB term; diffusers' DiT carries its own timestep/label
+embedder in every block (+7M parameters for S/2, negligible FLOPs). On a shared machine, pin the
+process (`taskset -c N ... --torch_threads=1`) for ratios that other processes' load does not skew;
+see benchmarks/results/README.md. `step_cpu_s` / `torch_step_cpu_s` / `cpu_speed_vs_torch` are the
+same medians in process CPU seconds (all threads): with a one-core pin, the time the step actually
+ran, without the time spent waiting for the core while other processes held it. `--also_attention
+xla` adds the JAX step with another attention implementation to the same interleaved rounds (an A/B
+that shares the machine's load).
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ def jax_stepper(cfg) -> tuple[Callable[[], None], dict[str, Any]]:
 
 
 def torch_stepper(cfg, threads: int) -> tuple[Callable[[], None], dict[str, Any]]:
-    """One eager PyTorch train step of diffusers' DiT of the same shape: AdamW, MSE on the eps channels."""
+    """One eager PyTorch train step of diffusers' DiT of the same shape, as DiT's train.py: MSE on the
+    eps channels, AdamW, EMA update."""
     import torch
     from diffusers import DiTTransformer2DModel
 
@@ -189,6 +191,8 @@ def torch_stepper(cfg, threads: int) -> tuple[Callable[[], None], dict[str, Any]
     opt = torch.optim.AdamW(
         model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay
     )
+    params = [p for p in model.parameters() if p.requires_grad]
+    ema = [p.detach().clone() for p in params]
     b = cfg.batch_size
     x0 = torch.rand(b, m.in_channels, m.image_size, m.image_size) * 2 - 1
     labels = torch.randint(0, max(m.num_classes, 1), (b,))
@@ -203,6 +207,9 @@ def torch_stepper(cfg, threads: int) -> tuple[Callable[[], None], dict[str, Any]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        with torch.no_grad():  # DiT's update_ema: ema = decay * ema + (1 - decay) * param
+            torch._foreach_mul_(ema, o.ema_decay)
+            torch._foreach_add_(ema, params, alpha=1 - o.ema_decay)
 
     info = {"num_params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()}
     return run, info
