@@ -41,7 +41,7 @@ format: install-dev
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 --durations=15
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15
 
 # Smoke subset on Python 3.12 with the newest JAX/Flax (what Colab and the GPU images run).
 test-py312:
