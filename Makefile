@@ -50,7 +50,7 @@ test-py312:
 	.venv312/bin/python -m pip install -q --upgrade pip && \
 	.venv312/bin/python -m pip install -q --upgrade -e ".[dev]" jax flax && \
 	$(TEST_ENV) .venv312/bin/python -m pytest -q -n 2 -m "not slow" tests/test_config.py tests/test_model.py \
-	    tests/test_diffusion.py tests/test_train.py tests/test_cli.py
+	    tests/test_diffusion.py tests/test_train.py tests/test_cli.py tests/test_recipes.py tests/test_attention_api.py
 
 bench: install-dev
 	$(BIN)/python benchmarks/train_step.py --config=configs/dit.py:variant=S/2 --batch_size=8 --steps=20 --json
