@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from dit_jax.interop.dit_official import strip_wrapper_prefix
-from dit_jax.interop.layout import Entry, describe_keys, identity, set_path
+from dit_jax.interop.layout import Entry, add_attention, describe_keys, identity, set_path
 from dit_jax.interop.torch_checkpoint import CheckpointFormatError, read_torch_checkpoint, to_numpy
 from dit_jax.models.dinov2 import HEADS_BY_WIDTH, DinoV2, DinoV2Config, interpolate_pos_embed
 
@@ -48,7 +48,7 @@ def checkpoint_url(name: str = "dinov2_vitb14") -> str:
 def _layout(cfg: DinoV2Config) -> dict[str, Entry]:
     """PyTorch key -> entry for every tensor of the backbone but pos_embed (interpolated apart)."""
     d, p, c, h = cfg.embed_dim, cfg.patch_size, cfg.in_channels, cfg.num_heads
-    k, f = d // h, cfg.mlp_hidden
+    f = cfg.mlp_hidden
     table: dict[str, Entry] = {}
 
     def linear(prefix: str, path: tuple, d_in: int, d_out: int) -> None:
@@ -73,14 +73,7 @@ def _layout(cfg: DinoV2Config) -> dict[str, Entry]:
         b, path = f"blocks.{i}", ("blocks", i)
         norm(f"{b}.norm1", (*path, "norm1"))
         norm(f"{b}.norm2", (*path, "norm2"))
-        table[f"{b}.attn.qkv.weight"] = Entry(
-            (3 * d, d), (*path, "attn", "w_qkv"), lambda w: w.T.reshape(d, 3, h, k)
-        )
-        table[f"{b}.attn.qkv.bias"] = Entry((3 * d,), (*path, "attn", "b_qkv"), lambda w: w.reshape(3, h, k))
-        table[f"{b}.attn.proj.weight"] = Entry(
-            (d, d), (*path, "attn", "w_out"), lambda w: w.T.reshape(h, k, d)
-        )
-        table[f"{b}.attn.proj.bias"] = Entry((d,), (*path, "attn", "b_out"), identity)
+        add_attention(table, f"{b}.attn", (*path, "attn"), d, h)
         if cfg.layerscale:
             table[f"{b}.ls1.gamma"] = Entry((d,), (*path, "ls1"), identity)
             table[f"{b}.ls2.gamma"] = Entry((d,), (*path, "ls2"), identity)

@@ -28,7 +28,15 @@ from typing import Any
 import numpy as np
 
 from dit_jax import config as config_lib
-from dit_jax.interop.layout import MAX_NAMED, Entry, describe_keys, identity, linear_kernel, set_path
+from dit_jax.interop.layout import (
+    MAX_NAMED,
+    Entry,
+    add_attention,
+    describe_keys,
+    identity,
+    linear_kernel,
+    set_path,
+)
 from dit_jax.interop.torch_checkpoint import CheckpointFormatError, read_torch_checkpoint, to_numpy
 from dit_jax.models.layers import rope_2d_tables, sincos_pos_embed_2d
 
@@ -73,14 +81,7 @@ def _layout(cfg: config_lib.Model) -> dict[str, Entry]:
     rms = cfg.norm == "rmsnorm"
     for i in range(cfg.depth):
         b, path = f"blocks.{i}", ("blocks", i)
-        table[f"{b}.attn.qkv.weight"] = Entry(
-            (3 * d, d), (*path, "attn", "w_qkv"), lambda w: w.T.reshape(d, 3, h, k)
-        )
-        table[f"{b}.attn.qkv.bias"] = Entry((3 * d,), (*path, "attn", "b_qkv"), lambda w: w.reshape(3, h, k))
-        table[f"{b}.attn.proj.weight"] = Entry(
-            (d, d), (*path, "attn", "w_out"), lambda w: w.T.reshape(h, k, d)
-        )
-        table[f"{b}.attn.proj.bias"] = Entry((d,), (*path, "attn", "b_out"), identity)
+        add_attention(table, f"{b}.attn", (*path, "attn"), d, h)
         if cfg.qk_norm:
             for name in ("q_norm", "k_norm"):
                 _norm(table, f"{b}.attn.{name}", (*path, "attn", name), k, bias=not rms)

@@ -31,6 +31,16 @@ def linear_kernel(w: np.ndarray) -> np.ndarray:
     return w.T
 
 
+def add_attention(table: dict, prefix: str, path: tuple, width: int, heads: int) -> None:
+    """timm-style attention (`{prefix}.qkv`, `{prefix}.proj`, as in DiT, SiT, DINOv2) -> our
+    SelfAttention: w_qkv [D, 3, heads, head_dim], w_out [heads, head_dim, D]."""
+    d, h, k = width, heads, width // heads
+    table[f"{prefix}.qkv.weight"] = Entry((3 * d, d), (*path, "w_qkv"), lambda w: w.T.reshape(d, 3, h, k))
+    table[f"{prefix}.qkv.bias"] = Entry((3 * d,), (*path, "b_qkv"), lambda w: w.reshape(3, h, k))
+    table[f"{prefix}.proj.weight"] = Entry((d, d), (*path, "w_out"), lambda w: w.T.reshape(h, k, d))
+    table[f"{prefix}.proj.bias"] = Entry((d,), (*path, "b_out"), identity)
+
+
 def set_path(tree: dict, path: tuple, value: np.ndarray) -> None:
     """tree[path[0]][path[1]]... = value, creating the intermediate dicts."""
     for key in path[:-1]:
