@@ -14,8 +14,10 @@ All three descend from the official DiT code and keep its key names (layout: int
                                                   patch 1 on 32-channel VA-VAE latents, no learned sigma.
 
 Every family has the null class for classifier-free guidance and the fixed sin-cos `pos_embed`.
-Timestep conventions differ (SiT feeds 1 - t, REPA and LightningDiT t, all in [0, 1]): they live in
-the Objective (time_scale / time_direction), not here.
+Timestep conventions differ and live in the Objective (time_scale / time_direction), not here: all
+three feed the network a time in [0, 1]; SiT and LightningDiT (which uses SiT's transport code)
+count it from noise (1 = data, predicting data - noise), REPA from data (0 = data, predicting
+noise - data). See dit_jax/interop/convert.py for the settings each family gets.
 """
 
 from __future__ import annotations
