@@ -32,15 +32,10 @@ def check_args(args: dict[str, str], known: tuple[str, ...], recipe: str) -> Non
 
 def latent_data(args: dict[str, str], image_size: int, channels: int, num_classes: int = 1000) -> dict:
     """`data=DIR` -> the encoded latents there; otherwise the synthetic source of the same shape."""
+    shape = dict(image_size=image_size, channels=channels, num_classes=num_classes)
     if args.get("data"):
-        return dict(
-            source="latents",
-            path=args["data"],
-            image_size=image_size,
-            channels=channels,
-            num_classes=num_classes,
-        )
-    return dict(source="synthetic", image_size=image_size, channels=channels, num_classes=num_classes)
+        return dict(source="latents", path=args["data"], **shape)
+    return dict(source="synthetic", **shape)
 
 
 def base(total_steps: int, batch_size: int) -> ml_collections.ConfigDict:
