@@ -14,17 +14,12 @@ import jax.numpy as jnp
 
 from pallas_kernels import chunked, dense, reference
 from pallas_kernels import masks as masks_lib
+from pallas_kernels import platform as platform_lib
 
 IMPLEMENTATIONS = ("auto", "xla", "dense", "chunked", "cudnn", "pallas", "pallas_gpu", "pallas_tpu")
 
 #: On CPU, "auto" uses the dense path while B * H * Lq * Lk f32 scores stay below this size.
 DENSE_SCORE_BYTES = 64 * 2**20
-
-
-def pallas_family(backend: str | None = None) -> str:
-    """The one place that maps a backend to a Pallas kernel family ("gpu" or "tpu")."""
-    backend = backend or jax.default_backend()
-    return "tpu" if backend == "tpu" else "gpu"
 
 
 def _validate(q, k, v) -> None:
@@ -44,17 +39,20 @@ def _validate(q, k, v) -> None:
             raise ValueError(f"{name} must be a floating-point array, got {x.dtype}")
 
 
-def choose(q_shape, k_shape, dtype, mask: masks_lib.Mask, has_segments: bool, backend: str) -> str:
-    """The implementation "auto" resolves to."""
+def choose(
+    q_shape, k_shape, dtype, mask: masks_lib.Mask, has_segments: bool, target: platform_lib.Platform
+) -> str:
+    """The implementation "auto" resolves to on `target`."""
     batch, seq_q, heads, _ = q_shape
     seq_kv = k_shape[1]
-    if backend in ("gpu", "tpu"):
+    if target.name in ("gpu", "tpu"):
         from pallas_kernels import pallas_attention
 
-        family = pallas_family(backend)
-        if backend == "gpu" and _cudnn_problem(q_shape, k_shape, dtype, mask, has_segments) is None:
+        if _cudnn_problem(q_shape, k_shape, dtype, mask, has_segments, target) is None:
             return "cudnn"
-        cfg = pallas_attention.default_config(family, mask, 1.0, seq_q, seq_kv, q_shape[3], dtype, False)
+        cfg = pallas_attention.default_config(
+            target.family, mask, 1.0, seq_q, seq_kv, q_shape[3], dtype, False, target
+        )
         if pallas_attention.unsupported(dtype, mask, cfg) is None:
             return "pallas"
         return "chunked"
@@ -63,9 +61,9 @@ def choose(q_shape, k_shape, dtype, mask: masks_lib.Mask, has_segments: bool, ba
     return "chunked"
 
 
-def _cudnn_problem(q_shape, k_shape, dtype, mask, has_segments) -> str | None:
-    if jax.default_backend() != "gpu":
-        return f"implementation='cudnn' needs a CUDA GPU, but the backend is {jax.default_backend()!r}"
+def _cudnn_problem(q_shape, k_shape, dtype, mask, has_segments, target) -> str | None:
+    if target.name != "gpu":
+        return f"implementation='cudnn' needs a CUDA GPU, but the computation is compiled for {target.name!r}"
     if not isinstance(mask, masks_lib.Full) or has_segments:
         return "implementation='cudnn' supports dense attention only; use 'pallas' or 'chunked' for masks"
     if dtype not in (jnp.bfloat16, jnp.float16):
@@ -95,8 +93,9 @@ def attention_with_lse(
     static, q_ids, kv_ids = masks_lib.resolve(mask, q.shape[0], q.shape[1], k.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     has_seg = q_ids is not None
+    target = platform_lib.current()
     if implementation == "auto":
-        implementation = choose(q.shape, k.shape, q.dtype, static, has_seg, jax.default_backend())
+        implementation = choose(q.shape, k.shape, q.dtype, static, has_seg, target)
     if implementation == "xla":
         return reference.attention(q, k, v, mask=static, q_ids=q_ids, kv_ids=kv_ids, scale=scale)
     if implementation == "dense":
@@ -104,19 +103,20 @@ def attention_with_lse(
     if implementation == "chunked":
         return chunked.attention(q, k, v, mask=static, scale=scale, q_ids=q_ids, kv_ids=kv_ids)
     if implementation == "cudnn":
-        problem = _cudnn_problem(q.shape, k.shape, q.dtype, static, has_seg)
+        problem = _cudnn_problem(q.shape, k.shape, q.dtype, static, has_seg, target)
         if problem is not None:
             raise ValueError(problem)
         out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
         return out, None
     from pallas_kernels import pallas_attention
 
-    family = pallas_family() if implementation == "pallas" else implementation.removeprefix("pallas_")
+    family = target.family if implementation == "pallas" else implementation.removeprefix("pallas_")
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = target.interpret
     return pallas_attention.attention(
-        q, k, v, mask=static, scale=scale, q_ids=q_ids, kv_ids=kv_ids, family=family, interpret=interpret
-    )
+        q, k, v, mask=static, scale=scale, q_ids=q_ids, kv_ids=kv_ids, family=family, interpret=interpret,
+        target=target,
+    )  # fmt: skip
 
 
 def attention(

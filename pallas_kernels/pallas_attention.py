@@ -15,12 +15,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import platform as platform_lib
 from pallas_kernels import tiles
 from pallas_kernels.masks import Mask
 from pallas_kernels.plan import BlockPlan, build_plan
-
-GPU_SMEM_BYTES = 227 * 1024  # H100 / H200: max dynamic shared memory per block
-TPU_VMEM_BYTES = 16 * 2**20  # default scoped VMEM limit (v5e); v6e allows 32 MiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +39,8 @@ class Config:
     interpret: bool
     num_warps: int = 4
     num_stages: int = 2
+    smem_bytes: int = platform_lib.GPU_SMEM_BYTES[(9, 0)]  # the GPU's shared memory per block
+    vmem_bytes: int = platform_lib.TPU_VMEM_BYTES["v5e"]  # the TPU's scoped VMEM budget
 
     def plan(self, backward: bool = False) -> BlockPlan:
         bq, bk = (self.block_q_bwd, self.block_kv_bwd) if backward else (self.block_q, self.block_kv)
@@ -66,7 +66,7 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def default_config(family, mask, scale, seq_q, seq_kv, head_dim, dtype, interpret) -> Config:
+def default_config(family, mask, scale, seq_q, seq_kv, head_dim, dtype, interpret, target=None) -> Config:
     """Block sizes per family (FA2-style on GPU; lane-aligned, larger tiles on TPU)."""
     if family == "gpu":
         dp = max(16, _next_pow2(head_dim))
@@ -83,8 +83,9 @@ def default_config(family, mask, scale, seq_q, seq_kv, head_dim, dtype, interpre
     else:
         raise ValueError(f"unknown Pallas kernel family {family!r}; expected 'gpu' or 'tpu'")
     del dtype
+    target = target or platform_lib.current()
     return Config(family, mask, float(scale), seq_q, seq_kv, head_dim, dp, bq, bk, bq_b, bk_b,
-                  bool(interpret), warps, stages)  # fmt: skip
+                  bool(interpret), warps, stages, target.smem_bytes, target.vmem_bytes)  # fmt: skip
 
 
 def check_hardware(cfg: Config, dtype) -> None:
@@ -100,10 +101,10 @@ def check_hardware(cfg: Config, dtype) -> None:
             raise ValueError(f"GPU kernel supports head_dim <= 256, got {cfg.head_dim}")
         fwd = (cfg.block_q * dp + cfg.num_stages * 2 * cfg.block_kv * dp) * item
         bwd = (2 * cfg.block_kv_bwd * dp + cfg.num_stages * 2 * cfg.block_q_bwd * dp) * item
-        if max(fwd, bwd) > GPU_SMEM_BYTES:
+        if max(fwd, bwd) > cfg.smem_bytes:
             raise ValueError(
                 f"blocks {blocks} with head_dim {dp} need {max(fwd, bwd)} bytes of shared memory "
-                f"(limit {GPU_SMEM_BYTES}); use smaller blocks"
+                f"(limit {cfg.smem_bytes}); use smaller blocks"
             )
     else:
         if any(b % 8 for b in (cfg.block_q, cfg.block_q_bwd)) or any(
@@ -114,8 +115,8 @@ def check_hardware(cfg: Config, dtype) -> None:
             raise ValueError(f"TPU tiles need head_dim padded to a multiple of 128, got {dp}")
         bq, bk = max(cfg.block_q, cfg.block_q_bwd), max(cfg.block_kv, cfg.block_kv_bwd)
         need = 2 * (2 * bq * dp + 2 * bk * dp) * item + (2 * bq * dp + 2 * bq * bk) * 4
-        if need > TPU_VMEM_BYTES:
-            raise ValueError(f"blocks {blocks} need ~{need} bytes of VMEM (limit {TPU_VMEM_BYTES})")
+        if need > cfg.vmem_bytes:
+            raise ValueError(f"blocks {blocks} need ~{need} bytes of VMEM (limit {cfg.vmem_bytes})")
 
 
 def unsupported(dtype, mask: Mask, cfg: Config) -> str | None:
@@ -203,13 +204,16 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def attention(
-    q, k, v, *, mask: Mask, scale: float, q_ids=None, kv_ids=None, family: str, interpret: bool, blocks=None
-):
+    q, k, v, *, mask: Mask, scale: float, q_ids=None, kv_ids=None, family: str, interpret: bool, blocks=None,
+    target: platform_lib.Platform | None = None,
+):  # fmt: skip
     """Flash attention with a Pallas kernel; returns (out [B, Lq, H, D], lse [B, H, Lq]).
 
-    `blocks` = (block_q, block_kv, block_q_bwd, block_kv_bwd) overrides the defaults.
+    `blocks` = (block_q, block_kv, block_q_bwd, block_kv_bwd) overrides the defaults. `target`: the
+    platform compiled for (default: `platform.current()`).
     """
-    cfg = default_config(family, mask, scale, q.shape[1], k.shape[1], q.shape[3], q.dtype, interpret)
+    target = target or platform_lib.current()
+    cfg = default_config(family, mask, scale, q.shape[1], k.shape[1], q.shape[3], q.dtype, interpret, target)
     if blocks is not None:
         cfg = dataclasses.replace(
             cfg, **dict(zip(("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"), blocks, strict=True))
@@ -219,8 +223,10 @@ def attention(
         raise ValueError(f"implementation 'pallas_{family}' cannot run this case: {problem}")
     if v.shape[-1] != q.shape[-1]:
         raise ValueError("the Pallas kernels need v's head_dim equal to q's")
-    if family == "tpu" and not interpret and jax.default_backend() != "tpu":
-        raise ValueError("the TPU kernel needs a TPU backend; pass interpret=True to run it elsewhere")
-    if family == "gpu" and not interpret and jax.default_backend() != "gpu":
-        raise ValueError("the GPU kernel needs a GPU backend; pass interpret=True to run it elsewhere")
+    if not interpret and target.name != family:
+        raise ValueError(
+            f"the {family.upper()} kernel cannot be compiled for {target.name.upper()} devices "
+            f"({target.device_kind}); pass interpret=True to run it elsewhere, or compile under "
+            f"jax.set_mesh of a {family.upper()} mesh"
+        )
     return _attend(q, k, v, q_ids, kv_ids, cfg)

@@ -22,6 +22,7 @@ from pallas_kernels import (
     reference,
     unpermute,
 )
+from pallas_kernels.platform import Platform
 
 
 def qkv(batch=2, seq=32, heads=4, kv_heads=2, dim=8, seed=0):
@@ -33,15 +34,18 @@ def qkv(batch=2, seq=32, heads=4, kv_heads=2, dim=8, seed=0):
     )
 
 
-def test_auto_picks_per_backend_and_shape():
+def test_auto_picks_per_target_and_shape():
     full = masks.Full()
-    assert dispatch.choose((2, 256, 4, 64), (2, 256, 4, 64), jnp.float32, full, False, "cpu") == "dense"
-    assert dispatch.choose((1, 16384, 4, 64), (1, 16384, 4, 64), jnp.float32, full, False, "cpu") == "chunked"
-    assert dispatch.choose((1, 4096, 8, 128), (1, 4096, 8, 128), jnp.bfloat16, full, False, "tpu") == "pallas"
+    cpu, tpu = Platform("cpu", "cpu"), Platform("tpu", "TPU v5 lite")
+    h100 = Platform("gpu", "NVIDIA H100 80GB HBM3", (9, 0))
+    assert dispatch.choose((2, 256, 4, 64), (2, 256, 4, 64), jnp.float32, full, False, cpu) == "dense"
+    assert dispatch.choose((1, 16384, 4, 64), (1, 16384, 4, 64), jnp.float32, full, False, cpu) == "chunked"
+    assert dispatch.choose((1, 4096, 8, 128), (1, 4096, 8, 128), jnp.bfloat16, full, False, tpu) == "pallas"
+    assert dispatch.choose((1, 4096, 8, 128), (1, 4096, 8, 128), jnp.bfloat16, full, False, h100) == "cudnn"
+    nbhd = masks.Neighborhood2D(grid=(64, 64), window=(9, 9))
+    assert dispatch.choose((1, 4096, 8, 128), (1, 4096, 8, 128), jnp.bfloat16, nbhd, False, h100) == "pallas"
     misaligned = masks.BlockSparse(np.eye(4, dtype=bool), (100, 100))
-    assert (
-        dispatch.choose((1, 400, 8, 64), (1, 400, 8, 64), jnp.float32, misaligned, False, "tpu") == "chunked"
-    )
+    assert dispatch.choose((1, 400, 8, 64), (1, 400, 8, 64), jnp.float32, misaligned, False, tpu) == "chunked"
     q, k, v = qkv()
     assert attention(q, k, v).shape == q.shape  # what the model code calls
 
@@ -57,7 +61,7 @@ def test_auto_picks_per_backend_and_shape():
         ),
         (dict(mask=masks.Neighborhood2D((4, 4), (3, 3))), "covers 16 tokens"),
         (dict(mask=masks.SegmentIds(jnp.zeros((2, 31), jnp.int32))), "segment ids must have shapes"),
-        (dict(implementation="pallas_tpu", interpret=False), "needs a TPU backend"),
+        (dict(implementation="pallas_tpu", interpret=False), "TPU kernel cannot be compiled for CPU"),
     ],
 )
 def test_unsupported_requests_raise_clear_errors(kwargs, message):

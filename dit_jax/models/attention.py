@@ -1,5 +1,5 @@
 """Multi-head self-attention: fused QKV projection, optional qk-norm and 2-D RoPE, kernel from
-`pallas_kernels.attention`."""
+`pallas_kernels.attention`, run under `shard_map` on a mesh."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from flax import nnx
 
 import pallas_kernels
 from dit_jax.models.layers import AffineLayerNorm, RMSNorm, apply_rope, xavier_uniform, zeros
-from dit_jax.parallel.rules import constrain
+from dit_jax.parallel.rules import ACTIVATION_RULES, constrain, spec_for
 
 QK_NORMS = (None, "layernorm", "rmsnorm")
 
@@ -76,6 +76,29 @@ class SelfAttention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope_LK is not None:
             q, k = apply_rope(q, *rope_LK), apply_rope(k, *rope_LK)
-        out_BLHK = pallas_kernels.attention(q, k, v, mask=self.mask, implementation=self.impl)
+        out_BLHK = attend(q, k, v, mask=self.mask, implementation=self.impl)
         out = out_BLHK.reshape(b * length, -1) @ w_out.reshape(-1, w_out.shape[-1])
         return out.reshape(b, length, -1) + self.b_out[...].astype(dtype)
+
+
+def attend(q_BLHK, k_BLHK, v_BLHK, *, mask, implementation: str) -> jax.Array:
+    """`pallas_kernels.attention`, per device under `jax.shard_map` when a mesh is in context.
+
+    Kernels are custom calls that XLA cannot partition (Mosaic refuses; Triton / cuDNN calls get
+    their inputs all-gathered to the full global batch). Attention needs no communication across
+    batch or heads, so each device attends over its own slice: batch over the data-parallel axes
+    and heads over `tensor` (as the activation rules shard them; a dimension they do not divide
+    stays whole). The same holds for the XLA implementations, so every one runs this way.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+        return pallas_kernels.attention(q_BLHK, k_BLHK, v_BLHK, mask=mask, implementation=implementation)
+    shape = dict(mesh.shape)
+    batch_axes = spec_for(("act_batch",), q_BLHK.shape[:1], ACTIVATION_RULES, shape)[0]
+    head_axes = spec_for(("act_heads",), (k_BLHK.shape[2],), ACTIVATION_RULES, shape)[0]
+    if q_BLHK.shape[2] % k_BLHK.shape[2]:
+        head_axes = None  # invalid grouping: let attention() report it
+    return pallas_kernels.sharded_attention(
+        q_BLHK, k_BLHK, v_BLHK, mesh=mesh, batch_axis=batch_axes, head_axis=head_axes, mask=mask,
+        implementation=implementation,
+    )  # fmt: skip
