@@ -1,6 +1,8 @@
 """The DiT with every attention implementation and with a neighbourhood-window mask."""
 
 import dataclasses
+import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import pytest
 from flax import nnx
 
 from dit_jax import config as config_lib
+from dit_jax.models.attention import attend
 from dit_jax.train import loop
 from dit_jax.train.state import apply_model, attention_mask, build_model, model_spec
 from pallas_kernels import masks
@@ -68,3 +71,28 @@ def test_bad_mask_names_the_key():
         config_lib.Attention(mask="neighborhood:4")
     with pytest.raises(config_lib.ConfigError, match="'attention.mask'"):
         config_lib.Attention(mask="sliding")
+
+
+@pytest.mark.parametrize("impl", ["pallas", "dense"])
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_attention_runs_per_device_under_shard_map_on_a_mesh(impl, kv_heads):
+    """On a (data, fsdp, tensor) mesh the model's attention is one shard_map: batch over data×fsdp,
+    heads over tensor (replicated when tensor does not divide the KV heads), no communication; the
+    result equals the unsharded call."""
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (8, 16, 4, 8))
+    k, v = (jax.random.normal(key, (8, 16, kv_heads, 8)) for key in keys[1:])
+    mask = masks.Local1D(3, 3)
+    want = attend(q, k, v, mask=mask, implementation=impl)  # no mesh in context: a plain call
+    fn = jax.jit(functools.partial(attend, mask=mask, implementation=impl))
+    with jax.set_mesh(mesh):
+        jaxpr = jax.make_jaxpr(fn)(q, k, v)
+        got = fn(q, k, v)
+        hlo = fn.lower(q, k, v).compile().as_text()
+    (eqn,) = [e for e in jaxpr.jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "shard_map"]
+    heads = "tensor" if kv_heads % 2 == 0 else None
+    qkv_specs = eqn.params["in_specs"][-3:]  # (closed-over constants come first, replicated)
+    assert [tuple(s) for s in qkv_specs] == [(("data", "fsdp"), None, heads, None)] * 3
+    assert not re.search(r"all-gather|all-reduce|all-to-all|collective-permute", hlo)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)

@@ -162,9 +162,7 @@ def _tpu(name: str, gen: str, topology: str) -> Target:
 @functools.cache
 def gpu_target_description(device: str) -> str:
     """The GpuTargetConfigProto text for `device`, read from the installed CUDA plugin."""
-    libraries = glob.glob(os.path.join(os.path.dirname(_plugin_dir()), "*", "xla_cuda_plugin.so"))
-    if not libraries:
-        raise FileNotFoundError("xla_cuda_plugin.so")
+    libraries = _plugin_libraries()
     marker = b"# proto-message: stream_executor.GpuTargetConfigProto"
     with open(libraries[0], "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         at = data.find(f'device_description_str: "{device}"'.encode())
@@ -174,10 +172,16 @@ def gpu_target_description(device: str) -> str:
         return data[start : data.find(b"\0", at)].decode()
 
 
-def _plugin_dir() -> str:
-    import jax_plugins.xla_cuda12 as plugin  # the jax-cuda12-plugin package
-
-    return os.path.dirname(plugin.__file__)
+def _plugin_libraries() -> list[str]:
+    """xla_cuda_plugin.so of the installed jax-cuda12-plugin (or -cuda13-)."""
+    try:
+        import jax_plugins
+    except ImportError:
+        raise ImportError("no CUDA plugin") from None
+    found = [p for d in jax_plugins.__path__ for p in sorted(glob.glob(os.path.join(d, "xla_cuda*", "*.so")))]
+    if not found:
+        raise ImportError("no CUDA plugin")
+    return found
 
 
 def _gpu(name: str, model: str, hosts: int, per_host: int) -> Target:
