@@ -1,4 +1,4 @@
-"""`dit-jax` command line: train, sample, eval, encode. Thin: parses, then calls the library.
+"""`dit-jax` command line: train, sample, eval, encode, plan. Thin: parses, then calls the library.
 
 User errors (bad config, missing files, damaged checkpoints, bad data) end with one line on
 stderr and exit code 2, never a traceback.
@@ -255,6 +255,44 @@ def cmd_classifier(args, overrides: list[str]) -> None:
     print(f"digits classifier ready (test accuracy {classifier.test_accuracy:.3f})")
 
 
+def _plan_backend(target: str) -> None:
+    """Before any JAX backend starts: plan runs nothing on a device (CPU backend unless
+    JAX_PLATFORMS says otherwise) and a `cpu:N` target needs N CPU devices."""
+    import jax
+
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
+    kind, _, count = target.partition(":")
+    if kind == "cpu" and count.isdigit() and int(count) > 0:
+        try:
+            jax.config.update("jax_num_cpu_devices", int(count))
+        except RuntimeError:  # backends already started (an in-process caller); targets.get checks the count
+            pass
+
+
+def cmd_plan(args, overrides: list[str]) -> None:
+    """Compiles the train step ahead of time for --target and prints its per-device cost."""
+    import json
+
+    from dit_jax import config as config_lib
+
+    cfg = config_lib.from_dict(apply_overrides(load_config_file(args.config), overrides))
+    _plan_backend(args.target)
+    from dit_jax import plan
+    from dit_jax.parallel import targets
+
+    report = plan.plan(cfg, targets.get(args.target))
+    print(plan.format_table(report))
+    if args.dump_hlo and report.hlo:
+        with open(args.dump_hlo, "w") as f:
+            f.write(report.hlo)
+        print(f"compiled HLO written to {args.dump_hlo}")
+    elif args.dump_hlo:
+        print(f"no compiled HLO to write to {args.dump_hlo}: the compiler rejected the program")
+    if args.json:
+        print(json.dumps(report.to_dict()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dit-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -325,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
         "classifier", parents=[multi], help="train and cache the digits classifier for proxy metrics"
     )
     classifier.add_argument("--config", default="configs/quickstart.py")
+    plan = sub.add_parser(
+        "plan", help="compile the train step ahead of time for a target: per-device memory, FLOPs, kernels"
+    )
+    plan.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
+    plan.add_argument("--target", required=True, help="cpu:8, tpu:v5p:2x2x1, gpu:h100:1x8, ...")
+    plan.add_argument("--json", action="store_true", help="end with one JSON object")
+    plan.add_argument("--dump_hlo", help="write the compiled HLO text to this file")
     return parser
 
 
@@ -332,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("dit_jax").setLevel(logging.INFO)
     args, overrides = build_parser().parse_known_args(argv)
-    if args.coordinator not in (None, "auto") and (args.num_processes is None or args.process_id is None):
+    coordinator = getattr(args, "coordinator", None)
+    if coordinator not in (None, "auto") and (args.num_processes is None or args.process_id is None):
         print(
             f"dit-jax {args.command}: error: --coordinator needs --num_processes and --process_id",
             file=sys.stderr,
@@ -345,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     from dit_jax.data import DataError
     from dit_jax.eval import EvalError
     from dit_jax.interop import CheckpointFormatError
+    from dit_jax.parallel.targets import TargetError
+    from dit_jax.plan import PlanError
     from dit_jax.train.checkpoint import CheckpointError
     from dit_jax.train.loop import NonFiniteLoss
     from dit_jax.train.repa import RepaError
@@ -357,13 +405,17 @@ def main(argv: list[str] | None = None) -> int:
         EvalError,
         NonFiniteLoss,
         RepaError,
+        TargetError,
+        PlanError,
         FileNotFoundError,
         FileExistsError,
     )
     from dit_jax.parallel import distributed
 
     try:
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        distributed.initialize(
+            coordinator, getattr(args, "num_processes", None), getattr(args, "process_id", None)
+        )
         commands = {
             "train": cmd_train,
             "sample": cmd_sample,
@@ -372,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             "classifier": cmd_classifier,
             "encode": cmd_encode,
             "convert": cmd_convert,
+            "plan": cmd_plan,
         }
         commands[args.command](args, overrides)
     except user_errors as e:

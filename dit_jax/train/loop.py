@@ -24,7 +24,7 @@ from dit_jax.train import repa
 from dit_jax.train import state as state_lib
 from dit_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from dit_jax.train.metrics import MetricsWriter, Progress
-from dit_jax.train.step import global_batch, make_train_step
+from dit_jax.train.step import build_train_step, global_batch
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,9 @@ class Trainer:
         self.workdir = workdir
         self.mesh = mesh or mesh_lib.make_mesh(cfg.mesh)
         mesh_lib.check_batch(cfg.batch_size, self.mesh)
-        self.spec = state_lib.model_spec(cfg)
-        self.tx = state_lib.optimizer(cfg)
-        self.shardings = state_lib.state_shardings(cfg, self.spec, self.tx, self.mesh)
         encoder = repa.make_encoder(cfg) if cfg.repa.weight > 0 else None
         self.encoder_params = encoder.params if encoder is not None else None
-        self.step_fn = make_train_step(cfg, self.spec, self.tx, self.mesh, self.shardings, encoder)
+        self.spec, self.tx, self.shardings, self.step_fn = build_train_step(cfg, self.mesh, encoder)
         self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
         self._best: Checkpointer | None = None
         self._decoder: sampling.LatentDecoder | None = None

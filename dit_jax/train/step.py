@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,7 @@ from dit_jax import config as config_lib
 from dit_jax.diffusion import make_objective
 from dit_jax.parallel import mesh as mesh_lib
 from dit_jax.train import repa
+from dit_jax.train import state as state_lib
 from dit_jax.train.state import ModelSpec, TrainState, learning_rate
 
 
@@ -107,6 +108,25 @@ def make_train_step(
         out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
         donate_argnums=(0,),
     )
+
+
+class BuiltStep(NamedTuple):
+    """What the train step is made of: model spec, optimizer, state shardings, the jitted step."""
+
+    spec: ModelSpec
+    tx: optax.GradientTransformation
+    shardings: TrainState
+    step_fn: Any
+
+
+def build_train_step(
+    cfg: config_lib.Config, mesh: jax.sharding.Mesh, encoder: repa.Encoder | None = None
+) -> BuiltStep:
+    """The train step for (config, mesh), built one way for the Trainer and for `dit_jax.plan`."""
+    spec = state_lib.model_spec(cfg)
+    tx = state_lib.optimizer(cfg)
+    shardings = state_lib.state_shardings(cfg, spec, tx, mesh)
+    return BuiltStep(spec, tx, shardings, make_train_step(cfg, spec, tx, mesh, shardings, encoder))
 
 
 def global_batch(local_batch: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
