@@ -3,8 +3,11 @@
 Implementations: "xla" (dense reference, plain autodiff), "dense" (the same math with a hand-written
 backward, the CPU default for short sequences), "chunked" (XLA blockwise, O(seq) memory), "cudnn"
 (dense, `jax.nn.dot_product_attention`), "pallas" (the GPU or TPU kernel by backend; on CPU the GPU
-kernel in interpret mode), and "pallas_gpu" / "pallas_tpu" to force one kernel family (for tests
-in interpret mode). "auto" picks per backend and shape; an unsupported explicit request raises.
+kernel in interpret mode), "pallas_gpu" / "pallas_tpu" to force one kernel family (for tests
+in interpret mode), and "pallas_mgpu" (the Hopper Mosaic GPU forward + Triton backward). On Hopper
+(sm_90), "pallas" (and "auto" where it picks "pallas") runs "pallas_mgpu" whenever that kernel
+supports the case, else the Triton kernel. "auto" picks per backend and shape; an unsupported
+explicit request raises.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from pallas_kernels import chunked, dense, reference
 from pallas_kernels import masks as masks_lib
 from pallas_kernels import platform as platform_lib
 
-IMPLEMENTATIONS = ("auto", "xla", "dense", "chunked", "cudnn", "pallas", "pallas_gpu", "pallas_tpu")
+IMPLEMENTATIONS = ("auto", "xla", "dense", "chunked", "cudnn", "pallas", "pallas_gpu", "pallas_tpu",
+                   "pallas_mgpu")  # fmt: skip
 
 #: On CPU, "auto" uses the dense path while B * H * Lq * Lk f32 scores stay below this size.
 DENSE_SCORE_BYTES = 64 * 2**20
@@ -108,6 +112,16 @@ def attention_with_lse(
             raise ValueError(problem)
         out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
         return out, None
+    if implementation == "pallas_mgpu" or (implementation == "pallas" and target.is_hopper and not interpret):
+        from pallas_kernels import pallas_mgpu
+
+        problem = pallas_mgpu.problem(q.shape, k.shape, q.dtype, static, has_seg, target, interpret)
+        if problem is None:
+            return pallas_mgpu.attention(
+                q, k, v, mask=static, scale=scale, interpret=interpret, target=target
+            )
+        if implementation == "pallas_mgpu":
+            raise ValueError(f"implementation 'pallas_mgpu' cannot run this case: {problem}")
     from pallas_kernels import pallas_attention
 
     family = target.family if implementation == "pallas" else implementation.removeprefix("pallas_")
