@@ -5,7 +5,7 @@
       --rounds=5 --torch_reference --json
 
 Prints human-readable lines and, last, one JSON object: `step_s` (median seconds per step),
-`img_per_s`, `tflops_per_s` (analytic model FLOPs, see `train_flops`), `mfu` (null where the
+`img_per_s`, `tflops_per_s` (analytic model FLOPs, `dit_jax.plan.train_flops`), `mfu` (null where the
 device peak is unknown, e.g. CPU), device, versions, config and batch. `--torch_reference` also
 times diffusers' `DiTTransformer2DModel` (eager, AdamW, MSE on eps) in the same process,
 alternating rounds of JAX and PyTorch steps so that both see the same machine load, and adds
@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from dit_jax.plan import train_flops  # analytic model FLOPs, shared with `dit-jax plan`
+
 # Dense peak FLOP/s per device by (device-kind substring, compute dtype). f32 on GPUs is TF32.
 PEAK_FLOPS = {
     ("H200", "bfloat16"): 989e12,
@@ -51,40 +53,6 @@ PEAK_FLOPS = {
     ("TPU v5p", "bfloat16"): 459e12,
     ("TPU v6", "bfloat16"): 918e12,
 }
-
-
-def forward_flops(model) -> float:
-    """Matmul FLOPs of one forward pass for one image (2 per multiply-add), for a DiT `config.Model`.
-
-    With L = (image / patch)^2 tokens, width D, depth N, MLP width M = mlp_ratio * D, patch features
-    P = p^2 C_in, output features P' = p^2 C_out and timestep frequency size F = 256:
-
-      per block:  2 L D (3D)      qkv projection
-                + 2 L L D         scores  q k^T  (all heads)
-                + 2 L L D         weighted values  p v
-                + 2 L D D         output projection
-                + 2 L D M * 2     MLP (two matmuls)
-                + 2 D (6D)        adaLN modulation (per image, not per token)
-      once:       2 L P D         patch embedding
-                + 2 (F D + D D)   timestep MLP
-                + 2 D (2D) + 2 L D P'   final adaLN and projection
-
-    Elementwise work (norms, softmax, GELU, the optimizer) is not counted.
-    """
-    tokens = (model.image_size // model.patch_size) ** 2
-    d, m = model.hidden_size, int(model.hidden_size * model.mlp_ratio)
-    patch_in = model.patch_size**2 * model.in_channels
-    patch_out = model.patch_size**2 * model.out_channels
-    block = 2 * tokens * d * 3 * d + 4 * tokens * tokens * d + 2 * tokens * d * d
-    block += 4 * tokens * d * m + 2 * d * 6 * d
-    once = 2 * tokens * patch_in * d + 2 * (256 * d + d * d) + 2 * d * 2 * d + 2 * tokens * d * patch_out
-    return float(model.depth * block + once)
-
-
-def train_flops(model, batch_size: int) -> float:
-    """FLOPs of one train step: forward + backward = 3 x forward matmul FLOPs (backward computes
-    the gradients of both operands of every matmul), times the batch."""
-    return 3.0 * forward_flops(model) * batch_size
 
 
 def device_peak(device_kind: str, dtype: str) -> float | None:
