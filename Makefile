@@ -45,7 +45,8 @@ format: install-dev
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15 --ignore=tests/aot
+	$(TEST_ENV) DIT_JAX_FORBID_SKIPS=1 $(BIN)/python -m pytest -q -rs -n 2 --dist worksteal --durations=15 \
+	    --ignore=tests/aot
 
 # Smoke subset on Python 3.12 with the newest JAX/Flax (what Colab and the GPU images run).
 test-py312:

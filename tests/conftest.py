@@ -74,3 +74,15 @@ def pytest_collection_modifyitems(config, items):
     """Start the long end-to-end tests first, so that under xdist they overlap the short ones
     instead of running alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """`make test` sets DIT_JAX_FORBID_SKIPS=1: there every extra is installed, so a skipped test is
+    a test that silently stopped running, and the run fails (skip reasons are printed by -rs)."""
+    if os.environ.get("DIT_JAX_FORBID_SKIPS") != "1" or hasattr(session.config, "workerinput"):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if skipped and session.exitstatus == 0:
+        reporter.write_line(f"DIT_JAX_FORBID_SKIPS=1: {len(skipped)} test(s) skipped; see the reasons above")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -103,15 +103,16 @@ def convert_diffusers_vae(state_dict: Mapping[str, Any], cfg: VAEConfig) -> dict
 
 
 def read_weights(path: str) -> Mapping[str, Any]:
+    """A weights file as a dict of arrays: safetensors without PyTorch (as JAX arrays, so bfloat16
+    files load too), `.bin` / `.pt` through `read_torch_checkpoint` (needs the torch extra)."""
     if path.endswith(".safetensors"):
+        from safetensors.flax import load_file
+
         try:
-            from safetensors.numpy import load_file
-
             return load_file(path)
-        except (TypeError, ValueError):  # e.g. bfloat16, which numpy cannot hold
-            from safetensors.torch import load_file as load_torch
-
-            return load_torch(path)
+        except Exception as e:  # truncated or not a safetensors file
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointFormatError(f"could not read {path!r} as a safetensors file: {reason}") from e
     return read_torch_checkpoint(path)
 
 
