@@ -85,6 +85,27 @@ class Checkpointer:
             "delete the damaged step directories or start a new workdir"
         )
 
+    def restore_params(
+        self, abstract_params: Any, *, ema: bool = True, step: int | None = None
+    ) -> tuple[int, Any]:
+        """(step, params): only the EMA (or raw) parameters of the newest (or given) checkpoint,
+        onto the shardings in `abstract_params`; the optimizer state is never read."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoints in {self.directory}; train first with `dit-jax train`")
+        which = "ema" if ema else "params"
+        item = {which: abstract_params}
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item, partial_restore=True))
+            )
+        except Exception as e:  # noqa: BLE001 - unreadable, or written for another model
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"could not restore the {which} parameters of step {step} in {self.directory}: {first_line[:300]}"
+            ) from e
+        return step, restored.state[which]
+
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed."""
         self._manager.wait_until_finished()
