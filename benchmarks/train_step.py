@@ -88,12 +88,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def build_config(spec: str, batch_size: int, overrides: list[str]):
-    from dit_jax import cli
-    from dit_jax import config as config_lib
+    from dit_jax import config_files
 
-    return config_lib.from_dict(
-        cli.apply_overrides(cli.load_config_file(spec), [f"--config.batch_size={batch_size}", *overrides])
-    )
+    return config_files.load(spec, [f"--config.batch_size={batch_size}", *overrides])
 
 
 def jax_stepper(cfg) -> tuple[Callable[[], None], dict[str, Any]]:

@@ -7,73 +7,16 @@ stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
 import logging
 import os
 import sys
 
 
-def load_config_file(spec: str):
-    """`path/to/config.py[:arg]` -> the ConfigDict returned by its get_config(arg)."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} not found; pass --config=configs/<name>.py[:arg]")
-    module_spec = importlib.util.spec_from_file_location(f"dit_jax_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise FileNotFoundError(f"config file {path!r} has no get_config(arg) function")
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def parse_value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a bare string such as --config.data.source=digits
-
-
-def _merge(base: dict, update: dict, prefix: str = "") -> dict:
-    from dit_jax.config import ConfigError
-
-    out = dict(base)
-    for key, value in update.items():
-        if key not in base:
-            raise ConfigError(
-                f"unknown config key '{prefix}{key}'; known keys here: {', '.join(sorted(base))}"
-            )
-        out[key] = _merge(base[key], value, f"{prefix}{key}.") if isinstance(base[key], dict) else value
-    return out
-
-
-def apply_overrides(config_dict, overrides: list[str]) -> dict:
-    """The config file's values over the dataclass defaults, then `--config.a.b=value` overrides.
-
-    Returns a plain nested dict with every key, ready for `config.from_dict`."""
-    from dit_jax import config as config_lib
-
-    values = config_dict.to_dict() if hasattr(config_dict, "to_dict") else dict(config_dict)
-    merged = _merge(config_lib.to_dict(config_lib.Config()), values)
-    for item in overrides:
-        if not item.startswith("--config.") or "=" not in item:
-            raise config_lib.ConfigError(
-                f"unrecognised argument {item!r}; overrides look like --config.model.depth=4"
-            )
-        key, _, text = item[len("--config.") :].partition("=")
-        *parents, leaf = key.split(".")
-        update = {leaf: parse_value(text)}
-        for part in reversed(parents):
-            update = {part: update}
-        merged = _merge(merged, update)
-    return merged
-
-
 def cmd_train(args, overrides: list[str]) -> None:
-    from dit_jax import config as config_lib
+    from dit_jax import config_files
     from dit_jax.train import loop
 
-    cfg = config_lib.from_dict(apply_overrides(load_config_file(args.config), overrides))
+    cfg = config_files.load(args.config, overrides)
     loop.train(cfg, args.workdir)
 
 
@@ -247,10 +190,10 @@ def cmd_convert(args, overrides: list[str]) -> None:
 
 
 def cmd_classifier(args, overrides: list[str]) -> None:
-    from dit_jax import config as config_lib
+    from dit_jax import config_files
     from dit_jax.eval import load_or_train_classifier
 
-    cfg = config_lib.from_dict(apply_overrides(load_config_file(args.config), overrides))
+    cfg = config_files.load(args.config, overrides)
     classifier = load_or_train_classifier(cfg.data)
     print(f"digits classifier ready (test accuracy {classifier.test_accuracy:.3f})")
 
@@ -274,9 +217,9 @@ def cmd_plan(args, overrides: list[str]) -> None:
     """Compiles the train step ahead of time for --target and prints its per-device cost."""
     import json
 
-    from dit_jax import config as config_lib
+    from dit_jax import config_files
 
-    cfg = config_lib.from_dict(apply_overrides(load_config_file(args.config), overrides))
+    cfg = config_files.load(args.config, overrides)
     _plan_backend(args.target)
     from dit_jax import plan
     from dit_jax.parallel import targets
@@ -301,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     multi.add_argument("--num_processes", type=int)
     multi.add_argument("--process_id", type=int)
     train = sub.add_parser("train", parents=[multi], help="train or resume a model")
-    train.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
+    train.add_argument("--config", required=True, help="NAME[:arg] (a packaged config) or PATH.py[:arg]")
     train.add_argument("--workdir", required=True)
     sample = sub.add_parser(
         "sample", parents=[multi], help="sample from the EMA weights of the latest checkpoint"
@@ -362,11 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     classifier = sub.add_parser(
         "classifier", parents=[multi], help="train and cache the digits classifier for proxy metrics"
     )
-    classifier.add_argument("--config", default="configs/quickstart.py")
+    classifier.add_argument("--config", default="quickstart")
     plan = sub.add_parser(
         "plan", help="compile the train step ahead of time for a target: per-device memory, FLOPs, kernels"
     )
-    plan.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
+    plan.add_argument("--config", required=True, help="NAME[:arg] (a packaged config) or PATH.py[:arg]")
     plan.add_argument("--target", required=True, help="cpu:8, tpu:v5p:2x2x1, gpu:h100:1x8, ...")
     plan.add_argument("--json", action="store_true", help="end with one JSON object")
     plan.add_argument("--dump_hlo", help="write the compiled HLO text to this file")

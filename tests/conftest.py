@@ -56,7 +56,7 @@ def tiny_config(data_dir):
     """A seconds-long digits config (configs/quickstart.py:smoke) with dataclass overrides:
     tiny_config(total_steps=8, model=dict(depth=1))."""
     from dit_jax import config as config_lib
-    from dit_jax.cli import load_config_file
+    from dit_jax.config_files import load_config_file
 
     def make(**overrides):
         cfg = config_lib.from_dict(load_config_file("configs/quickstart.py:smoke"))

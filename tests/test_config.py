@@ -4,7 +4,7 @@ import ml_collections
 import pytest
 
 from dit_jax import config as config_lib
-from dit_jax.cli import apply_overrides, load_config_file
+from dit_jax.config_files import apply_overrides, load_config_file
 
 
 def test_quickstart_and_dit_configs_build():
@@ -54,3 +54,17 @@ def test_unknown_key_in_dict_and_type_coercion():
 def test_round_trip_through_dict():
     cfg = config_lib.from_dict(load_config_file("configs/dit.py:variant=B/2"))
     assert config_lib.from_dict(config_lib.to_dict(cfg)) == cfg
+
+
+def test_packaged_configs_resolve_by_name_from_any_directory(tmp_path, monkeypatch):
+    from dit_jax import config_files
+
+    assert {"quickstart", "dit", "sit", "repa", "lightningdit"} <= set(config_files.packaged())
+    by_path = config_files.load("configs/quickstart.py:smoke", ["--config.total_steps=3"])
+    monkeypatch.chdir(tmp_path)  # no configs/ here: only the package's copy can answer
+    assert config_files.load("quickstart:smoke", ["--config.total_steps=3"]) == by_path
+    assert config_files.load("dit:variant=XL/2").model.depth == 28
+    with pytest.raises(FileNotFoundError, match="the packaged config is --config=quickstart"):
+        config_files.load_config_file("configs/quickstart.py")
+    with pytest.raises(FileNotFoundError, match="no packaged config named 'nope'; choose one of"):
+        config_files.load_config_file("nope")

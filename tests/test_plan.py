@@ -13,7 +13,8 @@ import pytest
 
 from dit_jax import config as config_lib
 from dit_jax import plan
-from dit_jax.cli import apply_overrides, load_config_file, main
+from dit_jax.cli import main
+from dit_jax.config_files import apply_overrides, load_config_file
 from dit_jax.parallel import targets
 from dit_jax.train import state as state_lib
 from dit_jax.train.step import build_train_step

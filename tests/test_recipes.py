@@ -11,7 +11,7 @@ import pytest
 
 from dit_jax import config as config_lib
 from dit_jax import sampling
-from dit_jax.cli import apply_overrides, load_config_file
+from dit_jax.config_files import apply_overrides, load_config_file
 from dit_jax.train import loop, state
 
 

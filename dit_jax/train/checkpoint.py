@@ -102,7 +102,8 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - unreadable, or written for another model
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
-                f"could not restore the {which} parameters of step {step} in {self.directory}: {first_line[:300]}"
+                f"could not restore the {which} parameters of step {step} in {self.directory}: "
+                f"{first_line[:300]}"
             ) from e
         return step, restored.state[which]
 
