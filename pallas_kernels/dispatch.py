@@ -26,7 +26,7 @@ IMPLEMENTATIONS = ("auto", "xla", "dense", "chunked", "cudnn", "pallas", "pallas
 DENSE_SCORE_BYTES = 64 * 2**20
 
 
-def _validate(q, k, v) -> None:
+def validate_inputs(q, k, v) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
             "attention expects q, k, v as [batch, seq, heads, head_dim]; "
@@ -93,8 +93,17 @@ def attention_with_lse(
             f"unknown attention implementation {implementation!r}; "
             f"expected one of {', '.join(IMPLEMENTATIONS)}"
         )
-    _validate(q, k, v)
+    validate_inputs(q, k, v)
     static, q_ids, kv_ids = masks_lib.resolve(mask, q.shape[0], q.shape[1], k.shape[1])
+    return resolved_attention(q, k, v, static, q_ids, kv_ids, scale, implementation, interpret)
+
+
+def resolved_attention(
+    q, k, v, static: masks_lib.Mask, q_ids, kv_ids, scale, implementation: str, interpret
+) -> tuple[jax.Array, jax.Array | None]:
+    """`attention_with_lse` after `masks.resolve`: a static mask plus per-example segment ids (or
+    None). `sharded_attention` calls this per shard, since a per-example mask (KeyPadding with one
+    length per batch element) cannot be resolved again against a shard's smaller batch."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     has_seg = q_ids is not None
     target = platform_lib.current()

@@ -3,18 +3,21 @@
 The GPU family (`pallas_gpu`, Triton lowering) and the TPU family (`pallas_tpu`, Mosaic) share
 this front end. Sequence lengths are padded to whole blocks (the plan masks padded keys) and the
 head dim to the hardware tile: 16..256 powers of two on GPU, multiples of 128 on TPU. head_dim 72
-thus pays 128/72 = 1.78x the matmul work of an unpadded kernel. Block sizes are checked against
-the hardware limits before any compilation, also in interpret mode (which does not check them).
+thus pays 128/72 = 1.78x the matmul work of an unpadded kernel. Block sizes come from the table
+in `blocks.py` (per target and head dim) and are checked against the hardware limits before any
+compilation (`check_hardware`), also in interpret mode (which does not check them).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import blocks as blocks_lib
 from pallas_kernels import platform as platform_lib
 from pallas_kernels import tiles
 from pallas_kernels.masks import Mask
@@ -50,12 +53,17 @@ class Config:
         return tiles.TileMask(self.mask, plan.mask_partial, self.seq_kv, plan.kv_padded)
 
     @property
-    def padded_q(self) -> int:
-        return _round_up(self.seq_q, max(self.block_q, self.block_q_bwd))
+    def blocks(self) -> blocks_lib.Blocks:
+        return blocks_lib.Blocks(self.block_q, self.block_kv, self.block_q_bwd, self.block_kv_bwd,
+                                 self.num_warps, self.num_stages)  # fmt: skip
+
+    @property
+    def padded_q(self) -> int:  # a multiple of both Q blocks (the default ones divide each other)
+        return _round_up(self.seq_q, math.lcm(self.block_q, self.block_q_bwd))
 
     @property
     def padded_kv(self) -> int:
-        return _round_up(self.seq_kv, max(self.block_kv, self.block_kv_bwd))
+        return _round_up(self.seq_kv, math.lcm(self.block_kv, self.block_kv_bwd))
 
 
 def _round_up(x: int, m: int) -> int:
@@ -67,45 +75,41 @@ def _next_pow2(x: int) -> int:
 
 
 def default_config(family, mask, scale, seq_q, seq_kv, head_dim, dtype, interpret, target=None) -> Config:
-    """Block sizes per family (FA2-style on GPU; lane-aligned, larger tiles on TPU)."""
+    """The block table's sizes for `target` (`blocks.py`), fitted to the sequence lengths."""
+    if family not in ("gpu", "tpu"):
+        raise ValueError(f"unknown Pallas kernel family {family!r}; expected 'gpu' or 'tpu'")
+    target = target or platform_lib.current()
     if family == "gpu":
         dp = max(16, _next_pow2(head_dim))
-        fit_q, fit_kv = max(16, _next_pow2(seq_q)), max(16, _next_pow2(seq_kv))
-        bq, bk = min(128, fit_q), min(64 if dp > 64 else 128, fit_kv)
-        bq_b, bk_b = min(64, fit_q), min(64, fit_kv)
-        warps, stages = (4 if dp <= 64 else 8), (3 if dp <= 64 else 2)
-    elif family == "tpu":
-        dp = _round_up(head_dim, 128)
-        bq = min(512, _round_up(seq_q, 128))
-        bk = min(512, _round_up(seq_kv, 128))
-        bq_b, bk_b = min(256, bq), min(256, bk)
-        warps, stages = 4, 2
+
+        def whole(n):
+            return max(16, _next_pow2(n))
     else:
-        raise ValueError(f"unknown Pallas kernel family {family!r}; expected 'gpu' or 'tpu'")
-    del dtype
-    target = target or platform_lib.current()
+        dp = _round_up(head_dim, blocks_lib.LANES)
+
+        def whole(n):
+            return _round_up(n, blocks_lib.LANES)
+
+    b = blocks_lib.choose(family, target, dp, dtype)
+    bq, bq_b = blocks_lib.fit_to_sequence(b.block_q, b.block_q_bwd, whole(seq_q))
+    bk, bk_b = blocks_lib.fit_to_sequence(b.block_kv, b.block_kv_bwd, whole(seq_kv))
     return Config(family, mask, float(scale), seq_q, seq_kv, head_dim, dp, bq, bk, bq_b, bk_b,
-                  bool(interpret), warps, stages, target.smem_bytes, target.vmem_bytes)  # fmt: skip
+                  bool(interpret), b.num_warps, b.num_stages, target.smem_bytes,
+                  target.vmem_bytes)  # fmt: skip
 
 
 def check_hardware(cfg: Config, dtype) -> None:
-    """Raises ValueError when block sizes break the target hardware's limits."""
-    item = jnp.dtype(dtype).itemsize
+    """Raises ValueError when block sizes break the target hardware's limits (before compiling)."""
     blocks = (cfg.block_q, cfg.block_kv, cfg.block_q_bwd, cfg.block_kv_bwd)
     dp = cfg.head_dim_padded
+    top = blocks_lib.head_dims(cfg.family)[-1]
+    if dp > top:
+        raise ValueError(f"the {cfg.family.upper()} kernel supports head_dim <= {top}, got {cfg.head_dim}")
     if cfg.family == "gpu":
         for b in (*blocks, dp):
             if b < 16 or b & (b - 1):
                 raise ValueError(f"GPU (Triton) tiles need powers of two >= 16, got {b} in {blocks}, d={dp}")
-        if dp > 256:
-            raise ValueError(f"GPU kernel supports head_dim <= 256, got {cfg.head_dim}")
-        fwd = (cfg.block_q * dp + cfg.num_stages * 2 * cfg.block_kv * dp) * item
-        bwd = (2 * cfg.block_kv_bwd * dp + cfg.num_stages * 2 * cfg.block_q_bwd * dp) * item
-        if max(fwd, bwd) > cfg.smem_bytes:
-            raise ValueError(
-                f"blocks {blocks} with head_dim {dp} need {max(fwd, bwd)} bytes of shared memory "
-                f"(limit {cfg.smem_bytes}); use smaller blocks"
-            )
+        limit, memory = cfg.smem_bytes, "shared memory"
     else:
         if any(b % 8 for b in (cfg.block_q, cfg.block_q_bwd)) or any(
             b % 128 for b in (cfg.block_kv, cfg.block_kv_bwd)
@@ -113,16 +117,21 @@ def check_hardware(cfg: Config, dtype) -> None:
             raise ValueError(f"TPU tiles need block_q % 8 == 0 and block_kv % 128 == 0, got {blocks}")
         if dp % 128:
             raise ValueError(f"TPU tiles need head_dim padded to a multiple of 128, got {dp}")
-        bq, bk = max(cfg.block_q, cfg.block_q_bwd), max(cfg.block_kv, cfg.block_kv_bwd)
-        need = 2 * (2 * bq * dp + 2 * bk * dp) * item + (2 * bq * dp + 2 * bq * bk) * 4
-        if need > cfg.vmem_bytes:
-            raise ValueError(f"blocks {blocks} need ~{need} bytes of VMEM (limit {cfg.vmem_bytes})")
+        limit, memory = cfg.vmem_bytes, "VMEM"
+    need = max(blocks_lib.kernel_bytes(cfg.family, cfg.blocks, dp, dtype))
+    if need > limit:
+        raise ValueError(
+            f"blocks {blocks} with head_dim {dp} and {jnp.dtype(dtype).name} need ~{need} bytes of "
+            f"{memory} (limit {limit}); use smaller blocks"
+        )
 
 
 def unsupported(dtype, mask: Mask, cfg: Config) -> str | None:
     """Why the Pallas kernel cannot run this case, or None."""
-    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        return f"the Pallas kernels take float32 / bfloat16 / float16, got {dtype}"
+    dtypes = (jnp.float32, jnp.bfloat16) if cfg.family == "tpu" else (jnp.float32, jnp.bfloat16, jnp.float16)
+    if jnp.dtype(dtype) not in dtypes:
+        names = " / ".join(jnp.dtype(d).name for d in dtypes)
+        return f"the {cfg.family.upper()} Pallas kernel takes {names}, got {jnp.dtype(dtype).name}"
     try:
         check_hardware(cfg, dtype)
     except ValueError as e:
@@ -136,6 +145,9 @@ def unsupported(dtype, mask: Mask, cfg: Config) -> str | None:
                     "block_shape to multiples of the tiles or use implementation='chunked'"
                 )
     return None
+
+
+_BLOCK_FIELDS = ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd")
 
 
 def _family(cfg: Config):
@@ -154,7 +166,7 @@ def _pad(x: jax.Array, length: int, dim: int, value=0) -> jax.Array:
     return jnp.pad(x, pads, constant_values=value)
 
 
-def _inputs(cfg: Config, q, k, v, q_ids, kv_ids):
+def padded_inputs(cfg: Config, q, k, v, q_ids, kv_ids):
     dp = cfg.head_dim_padded
     qp, kp, vp = _pad(q, cfg.padded_q, dp), _pad(k, cfg.padded_kv, dp), _pad(v, cfg.padded_kv, dp)
     segs = None
@@ -165,7 +177,7 @@ def _inputs(cfg: Config, q, k, v, q_ids, kv_ids):
 
 
 def _forward(cfg: Config, q, k, v, q_ids, kv_ids):
-    qp, kp, vp, segs = _inputs(cfg, q, k, v, q_ids, kv_ids)
+    qp, kp, vp, segs = padded_inputs(cfg, q, k, v, q_ids, kv_ids)
     out, lse = _family(cfg).forward(cfg, qp, kp, vp, segs)
     return out[:, : cfg.seq_q, :, : cfg.head_dim].astype(q.dtype), lse[:, :, : cfg.seq_q]
 
@@ -180,14 +192,16 @@ def _attend_fwd(q, k, v, q_ids, kv_ids, cfg):
     return (out, lse), (q, k, v, q_ids, kv_ids, out, lse)
 
 
-def _attend_bwd(cfg, res, cotangents):
+def flash_backward(cfg, res, cotangents):
+    """The custom-VJP backward of the flash kernels (also under the Mosaic GPU forward, whose LSE
+    convention is the same): dq, dk, dv from the saved inputs, output and LSE."""
     q, k, v, q_ids, kv_ids, out, lse = res
     dout, dlse = cotangents
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32))
     if dlse is not None:
         delta = delta - dlse.astype(jnp.float32)
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that see nothing get p = 0 from the mask
-    qp, kp, vp, segs = _inputs(cfg, q, k, v, q_ids, kv_ids)
+    qp, kp, vp, segs = padded_inputs(cfg, q, k, v, q_ids, kv_ids)
     dop = _pad(dout, cfg.padded_q, cfg.head_dim_padded)
     lse, delta = (jnp.pad(x, ((0, 0), (0, 0), (0, cfg.padded_q - cfg.seq_q))) for x in (lse, delta))
     dq, dk, dv = _family(cfg).backward(cfg, qp, kp, vp, segs, dop, lse, delta)
@@ -200,7 +214,7 @@ def _attend_bwd(cfg, res, cotangents):
             dv[:, sl_k, :, :d].astype(v.dtype), None, None)  # fmt: skip
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
+_attend.defvjp(_attend_fwd, flash_backward)
 
 
 def attention(
@@ -209,15 +223,15 @@ def attention(
 ):  # fmt: skip
     """Flash attention with a Pallas kernel; returns (out [B, Lq, H, D], lse [B, H, Lq]).
 
-    `blocks` = (block_q, block_kv, block_q_bwd, block_kv_bwd) overrides the defaults. `target`: the
-    platform compiled for (default: `platform.current()`).
+    `blocks`: a `blocks.Blocks`, or (block_q, block_kv, block_q_bwd, block_kv_bwd), overrides the
+    table. `target`: the platform compiled for (default: `platform.current()`).
     """
     target = target or platform_lib.current()
     cfg = default_config(family, mask, scale, q.shape[1], k.shape[1], q.shape[3], q.dtype, interpret, target)
     if blocks is not None:
-        cfg = dataclasses.replace(
-            cfg, **dict(zip(("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"), blocks, strict=True))
-        )
+        if not isinstance(blocks, blocks_lib.Blocks):
+            blocks = dataclasses.replace(cfg.blocks, **dict(zip(_BLOCK_FIELDS, blocks, strict=True)))
+        cfg = dataclasses.replace(cfg, **dataclasses.asdict(blocks))
     problem = unsupported(q.dtype, mask, cfg)
     if problem is not None:
         raise ValueError(f"implementation 'pallas_{family}' cannot run this case: {problem}")

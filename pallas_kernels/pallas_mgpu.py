@@ -278,7 +278,7 @@ def forward(cfg: pallas_attention.Config, q, k, v):
 
 
 def _forward(cfg, q, k, v):
-    qp, kp, vp, _ = pallas_attention._inputs(cfg, q, k, v, None, None)
+    qp, kp, vp, _ = pallas_attention.padded_inputs(cfg, q, k, v, None, None)
     out, lse = forward(cfg, qp, kp, vp)
     return out[:, : cfg.seq_q, :, : cfg.head_dim].astype(q.dtype), lse[:, :, : cfg.seq_q]
 
@@ -295,7 +295,7 @@ def _attend_fwd(q, k, v, cfg):
 
 def _attend_bwd(cfg, res, cotangents):
     q, k, v, out, lse = res
-    dq, dk, dv, _, _ = pallas_attention._attend_bwd(cfg, (q, k, v, None, None, out, lse), cotangents)
+    dq, dk, dv, _, _ = pallas_attention.flash_backward(cfg, (q, k, v, None, None, out, lse), cotangents)
     return dq, dk, dv
 
 

@@ -35,7 +35,8 @@ def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, scratch, name):
         ),
         out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+            vmem_limit_bytes=cfg.vmem_bytes,  # the budget `check_hardware` planned for, enforced by Mosaic
         ),
         interpret=cfg.interpret,
         name=name,

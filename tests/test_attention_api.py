@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 import pallas_kernels
 from pallas_kernels import (
     attention,
+    blocks,
     build_plan,
     dispatch,
     masks,
@@ -85,6 +86,62 @@ def test_block_sizes_are_checked_against_hardware_limits():
         pallas_attention.check_hardware(dataclasses.replace(tpu, block_kv=64), jnp.bfloat16)
     with pytest.raises(ValueError, match="VMEM"):
         pallas_attention.check_hardware(dataclasses.replace(tpu, block_q=4096, block_kv=4096), jnp.float32)
+
+
+# A platform per block-table row, as `platform.current()` reports them for deviceless targets.
+TABLE_PLATFORMS = {
+    "v5e": Platform("tpu", "TPU v5 lite"),
+    "v5p": Platform("tpu", "TPU v5"),
+    "v6e": Platform("tpu", "TPU v6 lite"),
+    "sm_80": Platform("gpu", "NVIDIA A100-SXM4-80GB", (8, 0)),
+    "sm_90": Platform("gpu", "NVIDIA H100 80GB HBM3", (9, 0)),
+}
+
+
+@pytest.mark.parametrize("key, head_dim", sorted(blocks.TABLE))
+def test_block_table_entries_fit_their_budget(key, head_dim):
+    """bf16 gets the entry as it is; f32 gets it or smaller blocks, always within the budget."""
+    plat = TABLE_PLATFORMS[key]
+    family = plat.family
+    assert blocks.target_key(family, plat) == key
+    assert blocks.choose(family, plat, head_dim, jnp.bfloat16) == blocks.TABLE[key, head_dim]
+    for dtype in (jnp.bfloat16, jnp.float32):
+        chosen = blocks.choose(family, plat, head_dim, dtype)
+        assert max(blocks.kernel_bytes(family, chosen, head_dim, dtype)) <= blocks.budget_bytes(family, plat)
+        cfg = pallas_attention.default_config(
+            family, masks.Full(), 1.0, 8192, 8192, head_dim, dtype, False, plat
+        )
+        pallas_attention.check_hardware(cfg, dtype)  # what the kernel checks before compiling
+
+
+def test_blocks_for_chips_without_a_table_row():
+    l4 = Platform("gpu", "NVIDIA L4", (8, 9))  # 99 KiB of shared memory: sm_80's row, shrunk
+    assert blocks.target_key("gpu", l4) == "sm_80"
+    for head_dim in (64, 128, 256):
+        chosen = blocks.choose("gpu", l4, head_dim, jnp.bfloat16)
+        assert max(blocks.kernel_bytes("gpu", chosen, head_dim, jnp.bfloat16)) <= 99 * 1024
+        assert chosen.block_kv <= blocks.TABLE["sm_80", head_dim].block_kv
+    v4 = Platform("tpu", "TPU v4")  # v5e's budget (16 MiB): v5e's row as it is
+    assert blocks.choose("tpu", v4, 128, jnp.bfloat16) == blocks.TABLE["v5e", 128]
+    cpu = Platform("cpu", "cpu")  # interpret mode: H100's and v5e's rows
+    assert blocks.choose("gpu", cpu, 64, jnp.float32) == blocks.TABLE["sm_90", 64]
+    assert blocks.choose("tpu", cpu, 128, jnp.float32) == blocks.TABLE["v5e", 128]
+
+
+@pytest.mark.parametrize("family", ["gpu", "tpu"])
+@pytest.mark.parametrize("seq", [1, 24, 256, 300, 640, 1000, 1536, 4097])
+def test_blocks_fit_the_sequence_and_one_padding_serves_both_passes(family, seq):
+    plat = TABLE_PLATFORMS["v6e" if family == "tpu" else "sm_90"]
+    cfg = pallas_attention.default_config(family, masks.Full(), 1.0, seq, seq, 64, jnp.bfloat16, False, plat)
+    table = blocks.TABLE[("v6e", 128) if family == "tpu" else ("sm_90", 64)]
+    for fwd, bwd, padded, limit in (
+        (cfg.block_q, cfg.block_q_bwd, cfg.padded_q, (table.block_q, table.block_q_bwd)),
+        (cfg.block_kv, cfg.block_kv_bwd, cfg.padded_kv, (table.block_kv, table.block_kv_bwd)),
+    ):
+        assert fwd <= limit[0] and bwd <= limit[1]
+        assert max(fwd, bwd) % min(fwd, bwd) == 0 and padded % max(fwd, bwd) == 0
+        assert padded - seq < max(fwd, bwd)  # no block of padding only
+    pallas_attention.check_hardware(cfg, jnp.bfloat16)
 
 
 def test_bad_shapes_raise_clear_errors():
@@ -189,3 +246,20 @@ def test_memory_is_linear_in_sequence_16k_tokens(impl):
     assert stats["dense_scores_mib"] == 4096
     assert stats["fwd_temp_mib"] <= 256, stats
     assert stats["fwd_bwd_temp_mib"] <= 512, stats
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "dense"])
+def test_shard_map_with_per_example_key_padding(impl):
+    """KeyPadding with one length per example, batch split over 4 devices: each shard keeps its
+    own examples' lengths (the mask is resolved once, globally)."""
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "tensor"))
+    q, k, v = qkv(batch=4, seq=24, heads=4, kv_heads=2)
+    lengths = (24, 5, 17, 1)
+    out = jax.jit(
+        lambda q, k, v: pallas_kernels.sharded_attention(
+            q, k, v, mesh=mesh, mask=masks.KeyPadding(lengths), implementation=impl
+        )
+    )(q, k, v)
+    for b, n in enumerate(lengths):
+        want = reference.attention(q[b : b + 1, :], k[b : b + 1, :n], v[b : b + 1, :n])[0]
+        np.testing.assert_allclose(out[b : b + 1], want, atol=1e-5)
