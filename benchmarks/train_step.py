@@ -97,13 +97,14 @@ def jax_stepper(cfg) -> tuple[Callable[[], None], dict[str, Any]]:
     """A closure running one train step (blocking), built exactly as `dit_jax.train.loop` does."""
     import jax
 
+    from dit_jax.models import build
     from dit_jax.parallel import mesh as mesh_lib
     from dit_jax.train import state as state_lib
     from dit_jax.train.step import global_batch, make_train_step
 
     mesh = mesh_lib.make_mesh(cfg.mesh)
     mesh_lib.check_batch(cfg.batch_size, mesh)
-    spec = state_lib.model_spec(cfg)
+    spec = build.model_spec(cfg)
     tx = state_lib.optimizer(cfg)
     shardings = state_lib.state_shardings(cfg, spec, tx, mesh)
     step_fn = make_train_step(cfg, spec, tx, mesh, shardings)

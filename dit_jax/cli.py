@@ -20,58 +20,84 @@ def cmd_train(args, overrides: list[str]) -> None:
     loop.train(cfg, args.workdir)
 
 
+def _output_dir_exists(flag: str, path: str | None) -> None:
+    """Checked before any sampling: a missing output folder must not cost the run."""
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise FileNotFoundError(
+            f"{flag}={path}: folder {os.path.dirname(os.path.abspath(path))} does not exist"
+        )
+
+
+def _sample_run(run, num_samples: int, seed: int, batch_size: int, sampler):
+    from dit_jax import sampling
+
+    labels = sampling.balanced_labels(num_samples, run.config.model.num_classes)
+    cfg_note = f", guidance {sampler.cfg_scale}" if run.config.model.num_classes else ""
+    print(
+        f"sampling {num_samples} images from step {run.step} on {run.mesh.size} device(s): "
+        f"{sampler.kind}, {sampler.num_steps} steps{cfg_note}, batch <= {batch_size}",
+        flush=True,
+    )
+    images = sampling.generate(
+        run.config,
+        run.spec,
+        run.params,
+        labels,
+        mesh=run.mesh,
+        seed=seed,
+        batch_size=batch_size,
+        sampler=sampler,
+    )
+    return images, labels
+
+
+def _with_sampler(cfg, kind=None, num_steps=None, cfg_scale=None):
+    """The config with sampler overrides, validated against the objective (one-line ConfigError)."""
+    import dataclasses
+
+    from dit_jax import sampling
+
+    sampler = sampling.with_overrides(cfg.sampler, kind=kind, num_steps=num_steps, cfg_scale=cfg_scale)
+    return dataclasses.replace(cfg, sampler=sampler)
+
+
 def cmd_sample(args, overrides: list[str]) -> None:
-    from dit_jax import grids, sampling
+    import dataclasses
+
+    from dit_jax import grids, sampling, workdir
     from dit_jax.config import ConfigError
 
     if overrides:
         raise ConfigError(f"unrecognised arguments: {' '.join(overrides)}; see `dit-jax sample --help`")
-    cfg, trainer, step, ema = _restore_ema(args.workdir, args.best)
-    sampler = sampling.with_overrides(
-        cfg.sampler, kind=args.sampler, num_steps=args.num_steps, cfg_scale=args.cfg_scale
-    )
-    labels = sampling.balanced_labels(args.num_samples, cfg.model.num_classes)
-    images = sampling.generate(
-        cfg,
-        trainer.spec,
-        ema,
-        labels,
-        mesh=trainer.mesh,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        sampler=sampler,
-    )
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise ConfigError(
+            f"--num_samples and --batch_size must be >= 1, got {args.num_samples}, {args.batch_size}"
+        )
+    _output_dir_exists("--output", args.output)
+    _output_dir_exists("--grid", args.grid)
+    cfg = _with_sampler(workdir.load_config(args.workdir), args.sampler, args.num_steps, args.cfg_scale)
+    run = dataclasses.replace(workdir.load(args.workdir, best=args.best), config=cfg)
+    images, labels = _sample_run(run, args.num_samples, args.seed, args.batch_size, cfg.sampler)
     sampling.save_npz(args.output, images, labels)
     if args.grid:
         grids.save_grid_png(args.grid, images, labels, cfg.model.num_classes, cfg.grid_samples_per_class)
     print(
-        f"wrote {len(images)} samples from step {step} to {args.output}"
+        f"wrote {len(images)} samples from step {run.step} to {args.output}"
         + (f" and a grid to {args.grid}" if args.grid else "")
     )
 
 
-def _restore_ema(workdir: str, best: bool):
-    """(config, trainer, step, EMA params) from the newest checkpoint (or workdir/best)."""
-    from dit_jax.parallel import mesh as mesh_lib
-    from dit_jax.train import loop
-    from dit_jax.train.checkpoint import Checkpointer
-
-    cfg = loop.load_config(workdir)
-    trainer = loop.Trainer(cfg, workdir, mesh_lib.make_mesh(cfg.mesh))
-    checkpointer = Checkpointer(os.path.join(workdir, "best"), keep=1) if best else trainer.checkpointer
-    step, state, _ = checkpointer.restore(trainer.abstract_state())
-    checkpointer.close()
-    return cfg, trainer, step, state.ema
-
-
 def cmd_eval(args, overrides: list[str]) -> None:
     """Samples vs an ADM reference batch, or a training run's own metrics."""
-    from dit_jax import sampling
+    from dit_jax import workdir
     from dit_jax.config import ConfigError
     from dit_jax.eval import evaluate, load_samples
 
     if overrides:
         raise ConfigError(f"unrecognised arguments: {' '.join(overrides)}; see `dit-jax eval --help`")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise ConfigError(f"--num_samples must be >= 1, got {args.num_samples}")
+    _output_dir_exists("--output", args.output)
     if args.reference:
         if not args.samples:
             raise ConfigError("--reference needs --samples=FILE.npz")
@@ -80,24 +106,16 @@ def cmd_eval(args, overrides: list[str]) -> None:
         result = evaluate.compare_to_reference(images, args.reference, metrics, args.inception_weights)
         output = args.output or os.path.splitext(args.samples)[0] + "_eval.json"
     elif args.workdir:
+        cfg = workdir.load_config(args.workdir)
+        evaluate.check_run_metrics(cfg)  # before sampling: a run without metrics says so at once
         if args.samples:
-            from dit_jax.train.loop import load_config
-
-            cfg = load_config(args.workdir)
             images, labels = load_samples(args.samples)
             step = None
         else:
-            cfg, trainer, step, ema = _restore_ema(args.workdir, args.best)
-            labels = sampling.balanced_labels(args.num_samples or cfg.eval.num_samples, cfg.model.num_classes)
-            images = sampling.generate(
-                cfg,
-                trainer.spec,
-                ema,
-                labels,
-                mesh=trainer.mesh,
-                seed=args.seed,
-                batch_size=cfg.eval.batch_size,
-            )
+            run = workdir.load(args.workdir, best=args.best)
+            num = args.num_samples or cfg.eval.num_samples
+            images, labels = _sample_run(run, num, args.seed, cfg.eval.batch_size, cfg.sampler)
+            step = run.step
             labels = labels if cfg.model.num_classes else None
         result = {**({"step": step} if step is not None else {}), **evaluate.run_metrics(cfg, images, labels)}
         output = args.output or os.path.join(args.workdir, "eval.json")
@@ -126,27 +144,14 @@ def cmd_reference(args, overrides: list[str]) -> None:
 def _load_image_folder(folder: str, size: int):
     """All images under `folder` (recursively), centre-cropped and resized to size×size RGB uint8."""
     import numpy as np
-    from PIL import Image
 
+    from dit_jax.data.image_folder import IMAGE_EXTENSIONS, images_under, load_image
     from dit_jax.eval.samples_io import EvalError
 
-    paths = sorted(
-        os.path.join(root, name)
-        for root, _, names in os.walk(folder)
-        for name in names
-        if name.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp"))
-    )
+    paths = sorted(images_under(folder))
     if not paths:
-        raise EvalError(f"no images (.png, .jpg, .jpeg, .bmp, .webp) found under {folder}")
-    out = []
-    for path in paths:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            side = min(image.size)
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-            out.append(np.asarray(image, np.uint8))
-    return np.stack(out)
+        raise EvalError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
+    return np.stack([load_image(path, size, 3) for path in paths])
 
 
 def cmd_encode(args, overrides: list[str]) -> None:
@@ -256,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--cfg_scale", type=float)
     sample.add_argument("--num_steps", type=int)
     sample.add_argument("--sampler", choices=["euler", "heun", "ddpm", "ddim"])
-    sample.add_argument("--batch_size", type=int, default=256)
+    sample.add_argument("--batch_size", type=int, default=256, help="at most this many images per batch")
     sample.add_argument("--grid", help="also write a labelled PNG grid here")
     sample.add_argument(
         "--best", action="store_true", help="use workdir/best instead of the newest checkpoint"
@@ -373,12 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors as e:
         print(f"dit-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        kept = (
-            "finished shards are kept; re-run the same command to resume"
-            if args.command == "encode"
-            else "the last completed checkpoint is kept"
-        )
-        print(f"dit-jax {args.command}: interrupted; {kept}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if str(e):  # train's Interrupted says whether a checkpoint is kept
+            message = str(e)
+        elif args.command == "encode":
+            message = "interrupted; finished shards are kept; re-run the same command to resume"
+        else:
+            message = "interrupted; nothing was written"
+        print(f"dit-jax {args.command}: {message}", file=sys.stderr)
         return 130
     return 0

@@ -486,3 +486,62 @@ def from_dict(values: Any) -> Config:
 
 def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
+
+
+# Keys that may differ when `dit-jax train` resumes a workdir: they change neither the structure of
+# the checkpointed train state and data-iterator state nor what is trained (model, objective, data,
+# seed, optimizer form). "group.*" names a whole group. Not here, for example: optim.grad_clip (0 vs
+# > 0 changes the optimizer state's tree), data.num_workers (0 vs > 0 changes the data iterator's
+# state), model.param_dtype (restoring would silently cast), seed and data.path (other data).
+RESUMABLE_KEYS = (
+    "total_steps",
+    "log_every",
+    "checkpoint_every",
+    "sample_every",
+    "eval_every",
+    "keep_checkpoints",
+    "grid_samples_per_class",
+    "batch_size",  # the data stream continues at the same batch index, at the new size
+    "mesh.*",  # checkpoints restore onto any mesh
+    "attention.impl",
+    "model.remat",
+    "model.dtype",  # compute precision only: parameters stay in model.param_dtype
+    "sampler.*",
+    "eval.*",
+    "data.data_dir",
+    "data.vae",
+    "optim.lr",
+    "optim.warmup_steps",
+    "optim.schedule",
+)
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+MISSING = _Missing()  # the value `diff` reports for a key that one side lacks
+
+
+def is_resumable(key: str) -> bool:
+    """Whether dotted config key `key` may change on resume (see RESUMABLE_KEYS)."""
+    return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in RESUMABLE_KEYS)
+
+
+def diff(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every leaf that differs between two config dicts
+    (as `to_dict` gives), in key order; a key that one side lacks has the value MISSING there."""
+
+    def flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = value
+        return out
+
+    a, b = flat(old), flat(new)
+    keys = dict.fromkeys([*a, *b])
+    return [(k, a.get(k, MISSING), b.get(k, MISSING)) for k in keys if a.get(k, MISSING) != b.get(k, MISSING)]

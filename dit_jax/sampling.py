@@ -8,6 +8,7 @@ images returned (and written to samples.npz) are always uint8 pixels.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -20,8 +21,8 @@ from dit_jax import config as config_lib
 from dit_jax.data import latents as latents_lib
 from dit_jax.data.errors import DataError
 from dit_jax.diffusion import make_objective, sample
+from dit_jax.models.build import ModelSpec, apply_model
 from dit_jax.parallel import mesh as mesh_lib
-from dit_jax.train.state import ModelSpec, apply_model
 
 
 def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -81,30 +82,41 @@ def make_decoder(cfg: config_lib.Config, mesh) -> LatentDecoder | None:
 
 
 def make_sample_fn(cfg: config_lib.Config, spec: ModelSpec, sampler: config_lib.Sampler, mesh):
-    """jit(params, key, y_B) -> images [B, H, W, C] in model space, batch split over devices.
+    """jit(params, noise_key, step_key, index_B, y_B) -> images [B, H, W, C] in model space, batch
+    split over the data-parallel axes.
 
-    The noise is drawn for the whole batch from `key`, so for a given batch size the images do
-    not depend on how many devices share the batch.
+    Sample i starts from the noise `normal(fold_in(noise_key, i))`, whatever batch or device it
+    lands on, so the deterministic samplers (Euler, Heun, DDIM with eta 0) give the same images for
+    any batch size and device count; DDPM's per-step noise comes from `step_key`, one per batch.
     """
     objective = make_objective(cfg.objective, cfg.model.learn_sigma)
     m = cfg.model
-    null_label = m.num_classes
+    shape = (m.image_size, m.image_size, m.in_channels)
 
-    def model_fn(params):
-        return lambda x, t, y: apply_model(spec.graphdef, params, x, t, y)
-
-    def run(params, key, y_B):
-        shape = (y_B.shape[0], m.image_size, m.image_size, m.in_channels)
-        noise = jax.random.normal(key, shape, jnp.float32)
+    def run(params, noise_key, step_key, index_B, y_B):
+        noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), shape))(index_B)
         noise = jax.lax.with_sharding_constraint(noise, mesh_lib.batch_sharding(mesh))
-        sample_key = jax.random.fold_in(key, 1)
-        return sample(model_fn(params), objective, sampler, sample_key, noise, y_B, null_label=null_label)
+        model_fn = functools.partial(apply_model, spec.graphdef, params)
+        return sample(model_fn, objective, sampler, step_key, noise, y_B, null_label=m.num_classes)
 
-    return jax.jit(
-        run,
-        in_shardings=(None, None, mesh_lib.batch_sharding(mesh)),
-        out_shardings=mesh_lib.batch_sharding(mesh),
-    )
+    batch = mesh_lib.batch_sharding(mesh)
+    return jax.jit(run, in_shardings=(None, None, None, batch, batch), out_shardings=batch)
+
+
+def batch_plan(num_samples: int, batch_size: int, mesh) -> tuple[int, int]:
+    """(batch, number of batches): batches no larger than needed, a multiple of the data-parallel
+    size (the last one padded at most to that multiple, never to `batch_size`)."""
+    if num_samples < 1:
+        raise ValueError(f"need at least one sample, got {num_samples}")
+    dp = mesh_lib.data_parallel_size(mesh)
+    batch = min(max(batch_size, 1), num_samples)
+    batch = -(-batch // dp) * dp
+    return batch, math.ceil(num_samples / batch)
+
+
+def _global(x: np.ndarray, mesh) -> jax.Array:
+    """A host array that every process holds whole, as a global array split over the batch axes."""
+    return jax.make_array_from_callback(x.shape, mesh_lib.batch_sharding(mesh), lambda idx: x[idx])
 
 
 def generate(
@@ -121,35 +133,43 @@ def generate(
     decoder: LatentDecoder | None = None,
     sample_fn=None,
 ) -> np.ndarray:
-    """Samples one image per label; returns uint8 [N, H, W, C]. Batches are padded to a multiple
-    of the data-parallel size; batch b uses key fold_in(seed, b). A latents run's samples are
-    decoded by `decoder` (default: `make_decoder(cfg, mesh)`, which loads the VAE). `sample_fn`:
-    a `make_sample_fn(cfg, spec, sampler, mesh)` to reuse (and its compilation) across calls."""
+    """Samples one image per label; returns uint8 [N, H, W, C].
+
+    Batches hold at most `batch_size` images and no more than the request needs (rounded up to the
+    data-parallel size); sample i's starting noise depends on (seed, i) only (see make_sample_fn).
+    A latents run's samples are decoded by `decoder` (default: `make_decoder(cfg, mesh)`, which
+    loads the VAE). `sample_fn`: a `make_sample_fn(cfg, spec, sampler, mesh)` to reuse (and its
+    compilation) across calls. `progress`: a progress bar over images (process 0).
+    """
     sampler = sampler or cfg.sampler
+    batch, num_batches = batch_plan(len(labels), batch_size, mesh)
     decoder = decoder or make_decoder(cfg, mesh)
-    dp = mesh_lib.data_parallel_size(mesh)
-    batch_size = max(dp, batch_size // dp * dp)
     fn = sample_fn or make_sample_fn(cfg, spec, sampler, mesh)
-    num_batches = math.ceil(len(labels) / batch_size)
-    out = []
-    batches = range(num_batches)
-    if progress and jax.process_index() == 0 and num_batches > 1:
+    noise_key, step_keys = (jax.random.fold_in(jax.random.key(seed), i) for i in range(2))
+    bar = None
+    if progress and jax.process_index() == 0:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, unit="batch", desc="sampling")
+        bar = tqdm(total=len(labels), unit="img", desc="sampling")
+    out = []
     with jax.set_mesh(mesh):
-        for b in batches:
-            y = labels[b * batch_size : (b + 1) * batch_size]
-            y = np.pad(y, (0, batch_size - len(y)))
-            key = jax.random.fold_in(jax.random.key(seed), b)
-            images = fn(params, key, jnp.asarray(y, jnp.int32))
+        for b in range(num_batches):
+            index = np.arange(b * batch, (b + 1) * batch, dtype=np.int32)
+            y = np.pad(labels[b * batch : (b + 1) * batch], (0, max(0, index[-1] + 1 - len(labels))))
+            step_key = jax.random.fold_in(step_keys, b)
+            index, y = (_global(x.astype(np.int32), mesh) for x in (index, y))
+            images = fn(params, noise_key, step_key, index, y)
             if decoder is not None:
                 images = decoder(images)
             if jax.process_count() > 1:  # every process gets the whole batch
                 images = multihost_utils.process_allgather(images, tiled=True)
-            images = jax.device_get(images)
-            out.append(to_uint8(images)[: len(labels) - b * batch_size])
-    return np.concatenate(out)[: len(labels)]
+            images = to_uint8(jax.device_get(images))[: len(labels) - b * batch]
+            out.append(images)
+            if bar is not None:
+                bar.update(len(images))
+    if bar is not None:
+        bar.close()
+    return np.concatenate(out)
 
 
 def with_overrides(sampler: config_lib.Sampler, **overrides) -> config_lib.Sampler:

@@ -112,3 +112,58 @@ def test_real_process_prints_no_traceback(tmp_path):
     assert (
         proc.stderr.strip().splitlines()[-1].startswith("dit-jax train: error: config key 'model.patch_size'")
     )
+
+
+def _config_only_workdir(path, *overrides) -> str:
+    """A workdir holding only config.json: enough for every check that must come before loading."""
+    import json
+
+    from dit_jax import config as config_lib
+    from dit_jax import config_files
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_lib.to_dict(config_files.load(SMOKE, list(overrides))), f)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sample", "--workdir=WD", "--num_samples=0", "--output=x.npz"], "--num_samples and --batch_size"),
+        (["sample", "--workdir=WD", "--num_samples=4", "--output=/no/such/dir/x.npz"], "/no/such/dir does"),
+        (["sample", "--workdir=WD", "--num_samples=4", "--output=x.npz", "--sampler=ddpm"],
+         "sampler 'ddpm' does not fit objective 'flow'"),
+        (["eval", "--workdir=WD", "--output=/no/such/dir/e.json"], "/no/such/dir does not exist"),
+        (["eval", "--workdir=IMAGES"], "no metrics for data source 'image_folder' without a reference"),
+    ],
+)  # fmt: skip
+def test_sample_and_eval_reject_bad_input_before_any_work(capsys, tmp_path, argv, message):
+    """All of these fail in well under a second: the workdirs have no checkpoint to load."""
+    wd = _config_only_workdir(tmp_path / "wd")
+    images = _config_only_workdir(
+        tmp_path / "img", "--config.data.source=image_folder", f"--config.data.path={tmp_path}"
+    )
+    argv = [a.replace("WD", wd).replace("IMAGES", images) for a in argv]
+    code, err = run_main(capsys, *argv)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_convert_a_pickled_checkpoint_without_torch_is_one_line(capsys, tmp_path, monkeypatch):
+    (tmp_path / "model.pt").write_bytes(b"not really a checkpoint")
+    monkeypatch.setitem(sys.modules, "torch", None)  # what a base install without the extra sees
+    code, err = run_main(
+        capsys, "convert", "--from=dit", f"--input={tmp_path / 'model.pt'}", f"--output={tmp_path / 'o'}"
+    )
+    assert code == 2 and len(err) == 1 and "needs PyTorch" in err[0] and "dit_jax[torch]" in err[0], err
+
+
+def test_reference_names_a_corrupt_image_in_one_line(capsys, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (12, 10), (200, 30, 30)).save(folder / "good.png")
+    (folder / "bad.png").write_bytes(b"\x89PNG truncated")
+    code, err = run_main(capsys, "reference", f"--images={folder}", f"--output={tmp_path / 'ref.npz'}")
+    assert code == 2 and len(err) == 1 and "bad.png" in err[0] and "fix or delete the file" in err[0], err

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from dit_jax import cli
+from dit_jax import workdir as workdir_lib
 from dit_jax.train import loop
 
 torch = pytest.importorskip("torch")
@@ -20,7 +21,7 @@ TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, nu
 
 def restored_output(workdir: str, x_BCHW: np.ndarray, t_B: np.ndarray) -> tuple[np.ndarray, object]:
     """The converted workdir's EMA model on NCHW inputs at network times t_B, and its config."""
-    cfg = loop.load_config(workdir)
+    cfg = workdir_lib.load_config(workdir)
     trainer = loop.Trainer(cfg, workdir)
     _, state, _ = trainer.checkpointer.restore(trainer.abstract_state())
     trainer.checkpointer.close()
@@ -69,7 +70,7 @@ def test_convert_lightningdit_infers_architecture_and_time_convention(tmp_path):
     torch.save(model.state_dict(), path)
     workdir = str(tmp_path / "wd")
     assert run_cli("convert", "--from=lightningdit", f"--input={path}", f"--output={workdir}") == 0
-    cfg = loop.load_config(workdir)
+    cfg = workdir_lib.load_config(workdir)
     m = cfg.model
     assert (m.mlp, m.norm, m.qk_norm, m.rope, m.num_heads) == ("swiglu", "rmsnorm", True, True, 2)
     assert (cfg.objective.time_scale, cfg.objective.time_direction) == (1.0, "noise_to_data")

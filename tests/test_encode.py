@@ -19,10 +19,10 @@ diffusers = pytest.importorskip("diffusers")
 import tensorflow_datasets as tfds  # noqa: E402
 
 from dit_jax import config, data, sampling  # noqa: E402
+from dit_jax import workdir as workdir_lib  # noqa: E402
 from dit_jax.cli import main  # noqa: E402
 from dit_jax.data import encode, latents  # noqa: E402
 from dit_jax.parallel import mesh as mesh_lib  # noqa: E402
-from dit_jax.train import loop  # noqa: E402
 
 IMAGE_SIZE = 32  # 4-level VAE: 4x4x4 latents
 NUM_EXAMPLES = 40
@@ -325,7 +325,7 @@ def test_train_and_sample_on_latents(capsys, encoded, tmp_path, monkeypatch):
         assert np.array_equal(f["arr_1"], np.arange(12) % 10)
         assert f["arr_0"].std() > 0
     # Sample grids and `dit-jax eval` decode through the same `sampling.generate`; the VAE must exist.
-    cfg = loop.load_config(workdir)
+    cfg = workdir_lib.load_config(workdir)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, vae=str(tmp_path / "missing_vae")))
     with pytest.raises(data.DataError, match=r"data.vae: .*missing_vae.* does not exist"):
         sampling.make_decoder(cfg, mesh_lib.make_mesh(cfg.mesh))

@@ -8,8 +8,8 @@ from flax import nnx
 
 from dit_jax import config as config_lib
 from dit_jax.models import DiT
+from dit_jax.models.build import model_spec
 from dit_jax.models.layers import sincos_pos_embed_2d
-from dit_jax.train.state import model_spec
 
 # Parameter counts printed by the official DiT train.py for ImageNet-256 latents (32×32×4,
 # learned sigma, 1000 classes); they include the fixed pos_embed table (tokens × hidden).

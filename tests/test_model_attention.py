@@ -12,8 +12,8 @@ from flax import nnx
 
 from dit_jax import config as config_lib
 from dit_jax.models.attention import attend
+from dit_jax.models.build import apply_model, attention_mask, build_model, model_spec
 from dit_jax.train import loop
-from dit_jax.train.state import apply_model, attention_mask, build_model, model_spec
 from pallas_kernels import masks
 
 

@@ -20,7 +20,7 @@ def run_notebook(path: str, parameters: str, cwd: str) -> nbformat.NotebookNode:
 def test_quickstart_notebook(tmp_path, data_dir):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     params = (
-        f'CONFIG = "configs/quickstart.py:smoke"\nWORKDIR = "{tmp_path / "nb"}"\nNUM_SAMPLES = 20\n'
+        f'CONFIG = "quickstart:smoke"\nWORKDIR = "{tmp_path / "nb"}"\nNUM_SAMPLES = 20\n'
         f'OVERRIDES = ["--config.total_steps=6", "--config.data.data_dir=\'{data_dir}\'"]\n'
     )
     nb = run_notebook(os.path.join(repo, "notebooks", "quickstart.ipynb"), params, repo)

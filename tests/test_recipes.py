@@ -12,7 +12,8 @@ import pytest
 from dit_jax import config as config_lib
 from dit_jax import sampling
 from dit_jax.config_files import apply_overrides, load_config_file
-from dit_jax.train import loop, state
+from dit_jax.models import build
+from dit_jax.train import loop
 
 
 def recipe(name: str, arg: str = "", overrides: tuple[str, ...] = ()) -> config_lib.Config:
@@ -22,7 +23,7 @@ def recipe(name: str, arg: str = "", overrides: tuple[str, ...] = ()) -> config_
 
 def num_params(cfg: config_lib.Config) -> int:
     """Parameters counted as the PyTorch repos do: including the fixed pos_embed buffer-parameter."""
-    spec = state.model_spec(cfg)
+    spec = build.model_spec(cfg)
     m = cfg.model
     pos_embed = (m.image_size // m.patch_size) ** 2 * m.hidden_size
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(spec.abstract_params))) + pos_embed

@@ -46,7 +46,7 @@ def scan_folder(path: str) -> tuple[list[str], list[tuple[str, int]]]:
         )
     files = []
     for label, name in enumerate(classes):
-        found = sorted(_images_under(os.path.join(path, name)))
+        found = sorted(images_under(os.path.join(path, name)))
         if not found:
             raise DataError(
                 f"class folder {os.path.join(path, name)!r} holds no images "
@@ -56,7 +56,8 @@ def scan_folder(path: str) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, files
 
 
-def _images_under(folder: str) -> Iterator[str]:
+def images_under(folder: str) -> Iterator[str]:
+    """Image files below `folder` (any depth), skipping hidden files and folders."""
     for root, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in names:

@@ -96,19 +96,28 @@ def build_reference(images_uint8: np.ndarray, output: str, weights: str | None =
     return {"mu": mu.shape, "sigma": sigma.shape, "arr_0": np.shape(images_uint8)}
 
 
-def run_metrics(
-    cfg: config_lib.Config, images_uint8: np.ndarray, labels: np.ndarray | None
-) -> dict[str, float]:
-    """The metrics configured for a training run: digits proxy metrics for the digits data set,
-    Inception metrics against `eval.reference` otherwise."""
+def check_run_metrics(cfg: config_lib.Config) -> None:
+    """Raises EvalError when a run has no metrics to compute (cheap: call it before sampling)."""
     if cfg.data.source == "digits":
-        classifier = load_or_train_classifier(cfg.data)
-        return digits_metrics(images_uint8, labels, cfg.data, classifier)
+        return
     if not cfg.eval.reference:
         raise EvalError(
             f"no metrics for data source {cfg.data.source!r} without a reference: set "
             "eval.reference to an ADM reference batch (build one with `dit-jax reference`)"
         )
+    if not os.path.isfile(cfg.eval.reference):
+        raise EvalError(f"eval.reference {cfg.eval.reference!r} not found (an ADM reference batch .npz)")
+
+
+def run_metrics(
+    cfg: config_lib.Config, images_uint8: np.ndarray, labels: np.ndarray | None
+) -> dict[str, float]:
+    """The metrics configured for a training run: digits proxy metrics for the digits data set,
+    Inception metrics against `eval.reference` otherwise."""
+    check_run_metrics(cfg)
+    if cfg.data.source == "digits":
+        classifier = load_or_train_classifier(cfg.data)
+        return digits_metrics(images_uint8, labels, cfg.data, classifier)
     return compare_to_reference(
         images_uint8, cfg.eval.reference, ("fid",), cfg.eval.inception_weights or None
     )

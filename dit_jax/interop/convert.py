@@ -108,25 +108,30 @@ def _check_tree(params: dict, abstract: dict, prefix: str = "") -> None:
 
 
 def write_workdir(cfg: config_lib.Config, params: dict, workdir: str) -> None:
-    """Writes config.json and a step-0 checkpoint (params = EMA = `params`, fresh optimizer)."""
-    from dit_jax.train import loop
-    from dit_jax.train.state import TrainState
+    """Writes config.json and a step-0 checkpoint (params = EMA = `params`, fresh optimizer), from
+    which `dit-jax sample` / `eval` read the EMA and `dit-jax train` resumes (fine-tuning)."""
+    from dit_jax import workdir as workdir_lib
+    from dit_jax.models.build import model_spec
+    from dit_jax.train import state as state_lib
+    from dit_jax.train.checkpoint import Checkpointer
 
-    trainer = loop.Trainer(cfg, workdir)
-    if trainer.checkpointer.latest_step() is not None:
-        trainer.checkpointer.close()
+    checkpoints = workdir_lib.checkpoint_dir(workdir)
+    if os.path.isdir(checkpoints) and os.listdir(checkpoints):
         raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new, empty workdir")
-    _check_tree(params, trainer.spec.abstract_params)
-    dtypes = jax.tree.map(lambda a: a.dtype, trainer.spec.abstract_params)
+    spec, tx = model_spec(cfg), state_lib.optimizer(cfg)
+    _check_tree(params, spec.abstract_params)
+    dtypes = jax.tree.map(lambda a: a.dtype, spec.abstract_params)
     params = jax.tree.map(lambda p, d: np.asarray(p, d), params, dtypes)
+    shardings = state_lib.state_shardings(cfg, spec, tx, workdir_lib.inference_mesh())
 
-    def init(params: Any) -> TrainState:
-        return TrainState(jnp.zeros((), jnp.int32), params, params, trainer.tx.init(params))
+    def init(params: Any) -> state_lib.TrainState:
+        return state_lib.TrainState(jnp.zeros((), jnp.int32), params, params, tx.init(params))
 
-    state = jax.jit(init, out_shardings=trainer.shardings)(params)
-    loop.write_config(workdir, cfg)
-    trainer.checkpointer.save(0, state, None, config_lib.to_dict(cfg))
-    trainer.checkpointer.close()
+    state = jax.jit(init, out_shardings=shardings)(params)
+    checkpointer = Checkpointer(checkpoints, keep=cfg.keep_checkpoints)
+    checkpointer.save(0, state, None, config_lib.to_dict(cfg))
+    checkpointer.close()
+    workdir_lib.write_config(workdir, cfg)
 
 
 def convert(

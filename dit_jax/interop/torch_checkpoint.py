@@ -18,6 +18,10 @@ class CheckpointFormatError(ValueError):
     """A checkpoint that does not match the requested model; the message names the offending keys."""
 
 
+class TorchRequired(CheckpointFormatError):
+    """A pickled PyTorch file (.pt / .pth / .bin) and no PyTorch installed."""
+
+
 def to_numpy(value: Any) -> np.ndarray:
     """A float32 numpy copy of a numpy/JAX array or a torch tensor (any device, bf16/fp16 included)."""
     if hasattr(value, "detach"):  # torch.Tensor, without importing torch
@@ -33,14 +37,16 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
 
     Uses `torch.load(weights_only=True)`: no code from the file is executed.
     """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {os.fspath(path)!r}")
     try:
         import torch
     except ImportError as e:
-        raise ImportError(
-            f"reading {os.fspath(path)!r} needs PyTorch; install it with `pip install 'dit_jax[torch]'`"
+        raise TorchRequired(
+            f"reading {os.fspath(path)!r} (a pickled PyTorch file) needs PyTorch, which is not installed; "
+            "install the extra with `pip install 'dit_jax[torch]'`, or use the model's .safetensors "
+            "weights, which need no PyTorch"
         ) from e
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {os.fspath(path)!r}")
     # Official training checkpoints also pickle the argparse.Namespace of the run ("args").
     safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     try:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,7 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int | None = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
@@ -50,62 +52,81 @@ class Checkpointer:
             ),
         )
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, Any]:
+    def restore(
+        self, abstract_state: Any, step: int | None = None, *, set_aside_unreadable: bool = False
+    ) -> tuple[int, Any, Any]:
         """Restores onto the shardings in `abstract_state` (a tree of ShapeDtypeStructs with
         `.sharding`), so a checkpoint written on one mesh restores onto any other.
 
-        With `step=None`, tries the newest checkpoint first and falls back to older ones if it is
-        damaged. Returns (step, state, data_state).
+        With `step=None`, tries the newest checkpoint first and falls back to older ones while a
+        checkpoint cannot be read. A checkpoint written for another train-state tree (another model
+        or optimizer) is not damage: CheckpointError at once. With `set_aside_unreadable` (training),
+        the unreadable newer checkpoints are then moved to `<directory>_unreadable/`, so that their
+        steps can be saved again. Returns (step, state, data_state).
         """
-        candidates = [step] if step is not None else self.steps()[::-1]
-        if not candidates:
-            raise CheckpointError(f"no checkpoints in {self.directory}; train first with `dit-jax train`")
-        errors = []
-        for s in candidates:
-            try:
-                restored = self._manager.restore(
-                    s,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-                    ),
-                )
-            except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
-                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                errors.append(f"step {s}: {first_line[:200]}")
-                log.warning(
-                    "checkpoint at step %d in %s cannot be restored (%s); trying an older one",
-                    s,
-                    self.directory,
-                    first_line[:200],
-                )
-                continue
-            return s, restored.state, restored.data
-        raise CheckpointError(
-            f"no checkpoint in {self.directory} could be restored ({'; '.join(errors)}); "
-            "delete the damaged step directories or start a new workdir"
-        )
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        s, restored, unreadable = self._first_readable(step, args)
+        if set_aside_unreadable and unreadable:
+            self._set_aside(unreadable)
+        return s, restored.state, restored.data
 
     def restore_params(
         self, abstract_params: Any, *, ema: bool = True, step: int | None = None
     ) -> tuple[int, Any]:
-        """(step, params): only the EMA (or raw) parameters of the newest (or given) checkpoint,
-        onto the shardings in `abstract_params`; the optimizer state is never read."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no checkpoints in {self.directory}; train first with `dit-jax train`")
+        """(step, params): only the EMA (or raw) parameters of the newest readable (or the given)
+        checkpoint, onto the shardings in `abstract_params`; the optimizer state is never read."""
         which = "ema" if ema else "params"
         item = {which: abstract_params}
-        try:
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item, partial_restore=True))
-            )
-        except Exception as e:  # noqa: BLE001 - unreadable, or written for another model
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(
-                f"could not restore the {which} parameters of step {step} in {self.directory}: "
-                f"{first_line[:300]}"
-            ) from e
-        return step, restored.state[which]
+        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+        args = ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
+        )
+        s, restored, _ = self._first_readable(step, args)
+        return s, restored.state[which]
+
+    def _first_readable(self, step: int | None, args) -> tuple[int, Any, list[int]]:
+        """(step, restored, newer unreadable steps) for the newest checkpoint (or `step`) that reads."""
+        steps = self.steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoints in {self.directory}; train first with `dit-jax train`")
+        if step is not None and step not in steps:
+            raise CheckpointError(f"no checkpoint of step {step} in {self.directory}; it holds steps {steps}")
+        candidates = [step] if step is not None else steps[::-1]
+        errors = []
+        for i, s in enumerate(candidates):
+            try:
+                return s, self._manager.restore(s, args=args), candidates[:i]
+            except Exception as e:  # noqa: BLE001 - sorted below: another tree, or unreadable
+                mismatch = _tree_mismatch(e)
+                if mismatch is not None:
+                    raise CheckpointError(
+                        f"the checkpoint at step {s} in {self.directory} was written for a different model "
+                        f"or optimizer than this config builds ({mismatch}); it is not damaged: use the "
+                        "config it was trained with (its workdir's config.json), or a new workdir"
+                    ) from e
+                errors.append(f"step {s}: {_describe(e)}")
+                older = f"trying step {candidates[i + 1]}" if i + 1 < len(candidates) else "no older one"
+                log.warning("checkpoint at step %d in %s cannot be read (%s); %s", s, self.directory,
+                            _describe(e), older)  # fmt: skip
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} could be restored: none of them can be read "
+            f"({'; '.join(errors)}); copy their files back from a backup, or train again in a new workdir"
+        )
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves the step directories of `steps` to `<directory>_unreadable/` (kept for inspection)."""
+        aside = f"{self.directory}_unreadable"
+        if jax.process_index() == 0:
+            os.makedirs(aside, exist_ok=True)
+            for s in steps:
+                target = os.path.join(aside, str(s))
+                n = 1
+                while os.path.exists(target):
+                    target, n = os.path.join(aside, f"{s}.{n}"), n + 1
+                os.rename(os.path.join(self.directory, str(s)), target)
+                log.warning("moved the unreadable checkpoint of step %d to %s", s, target)
+        multihost_utils.sync_global_devices("dit_jax set aside unreadable checkpoints")
+        self._manager.reload()
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed."""
@@ -118,3 +139,31 @@ class Checkpointer:
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _describe(e: BaseException) -> str:
+    """'<type>: <first line of the message>', at most 200 characters."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}"[:200] if lines else type(e).__name__
+
+
+def _tree_mismatch(e: BaseException) -> str | None:
+    """What differs when `e` (or its cause) is Orbax saying the checkpoint holds another tree than the
+    restore target; None for any other error. Orbax 0.12 raises ValueError 'User-provided restore item
+    and on-disk value metadata tree structures do not match:' followed by the differing key paths,
+    or 'Requested shape: S is not compatible with the stored shape: T'."""
+    for _ in range(8):  # e, its cause, its cause's cause, ...
+        if e is None:
+            break
+        text = str(e) if isinstance(e, ValueError) else ""
+        if "tree structures do not match" in text:
+            paths = [ln[:-1] for ln in text.splitlines()[1:] if ln.endswith(":") and not ln[:1].isspace()]
+            shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+            return f"the trees differ at {shown}" if paths else "the trees differ"
+        shapes = re.search(
+            r"Requested shape: (\(.*?\)) is not compatible with the stored shape: (\(.*?\))", text
+        )
+        if shapes:
+            return f"an array stored as {shapes[2]} is {shapes[1]} here"
+        e = e.__cause__ or e.__context__
+    return None

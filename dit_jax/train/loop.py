@@ -1,8 +1,11 @@
 """The training loop: data -> step -> metrics -> checkpoint -> sample grids.
 
-Resume order: if `workdir/checkpoints` holds a checkpoint, the train state and the data
-iterator are restored from the newest readable one and training continues from its step; the
-random stream is `fold_in(seed, step)`, so a resumed run reproduces an uninterrupted one.
+Resume order: if `workdir/checkpoints` holds a checkpoint, the config is first compared with
+workdir/config.json (keys outside config.RESUMABLE_KEYS must not change: ConfigError, nothing
+touched), then the train state and the data iterator are restored from the newest readable
+checkpoint and training continues from its step; only then is config.json rewritten. The random
+stream is `fold_in(seed, step)`, so a resumed run reproduces an uninterrupted one, and the logs
+after the restored step are dropped, so metrics.jsonl reads as one run (metrics.rewind).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dit_jax.train import state as state_lib
 from dit_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from dit_jax.train.metrics import MetricsWriter, Progress
 from dit_jax.train.step import build_train_step, global_batch
+from dit_jax.workdir import load_config, write_config
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +37,36 @@ class NonFiniteLoss(RuntimeError):
     """Training produced a NaN/inf loss; the last good checkpoint is kept."""
 
 
-def write_config(workdir: str, cfg: config_lib.Config) -> None:
-    if jax.process_index() != 0:
-        return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    new = config_lib.to_dict(cfg)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != new:
-            log.warning("config differs from %s; resuming with the new config", path)
-    with open(path, "w") as f:
-        json.dump(new, f, indent=2, sort_keys=True)
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during `train`; the message says which checkpoint a re-run of the command resumes from."""
+
+    def __init__(self, step: int | None):
+        self.step = step
+        super().__init__(
+            f"interrupted; the checkpoint of step {step} is kept; re-run the same command to resume"
+            if step is not None
+            else "interrupted; no checkpoint was written yet; re-running the same command starts from step 0"
+        )
 
 
-def load_config(workdir: str) -> config_lib.Config:
+def check_resume(cfg: config_lib.Config, workdir: str, step: int) -> None:
+    """Before resuming the checkpoint of `step`: compares `cfg` with workdir/config.json, logs each
+    changed key of config.RESUMABLE_KEYS and raises ConfigError naming every other one. Reads only."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found; is {workdir} a dit-jax training workdir?")
-    with open(path) as f:
-        return config_lib.from_dict(json.load(f))
+        log.warning("%s not found: resuming step %d without checking the config against it", path, step)
+        return
+    changes = config_lib.diff(config_lib.to_dict(load_config(workdir)), config_lib.to_dict(cfg))
+    fixed = [(k, old, new) for k, old, new in changes if not config_lib.is_resumable(k)]
+    if fixed:
+        listed = ", ".join(f"{k} ({old!r} → {new!r})" for k, old, new in fixed)
+        raise config_lib.ConfigError(
+            f"cannot resume {workdir} from its checkpoint of step {step} with a different {listed}: "
+            "these keys define the train state or what is trained and cannot change on resume; set them "
+            f"back to the values in {path}, or train in a new workdir"
+        )
+    for k, old, new in changes:
+        log.info("resuming with a changed %s: %r → %r", k, old, new)
 
 
 def count_params(tree: Any) -> int:
@@ -94,9 +107,11 @@ class Trainer:
         return abstract_with_shardings(state_lib.abstract_state(self.cfg, self.spec, self.tx), self.shardings)
 
     def restore_or_init(self, data_iter) -> state_lib.TrainState:
+        """The train state (and the data iterator's position) of the newest readable checkpoint,
+        or a new state when there is no checkpoint."""
         if self.checkpointer.latest_step() is None:
             return state_lib.init_state(self.cfg, self.spec, self.tx, self.shardings)
-        step, state, data_state = self.checkpointer.restore(self.abstract_state())
+        step, state, data_state = self.checkpointer.restore(self.abstract_state(), set_aside_unreadable=True)
         if data_iter is not None and data_state:
             data_iter.set_state(data_state)
         log.info("resumed from step %d in %s", step, self.checkpointer.directory)
@@ -160,7 +175,9 @@ class Trainer:
         old = None
         if os.path.exists(record):
             with open(record) as f:
-                old = json.load(f)["value"]
+                best = json.load(f)
+            if best["metric"] == name:  # eval.best_metric may change on resume: then a new best starts
+                old = best["value"]
         if eval_lib.is_better(name, metrics[name], old):
             self._best = self._best or Checkpointer(best_dir, keep=1)
             self._best.save(step, state, data_iter.get_state(), config_lib.to_dict(cfg))
@@ -179,24 +196,39 @@ class Trainer:
 def train(
     cfg: config_lib.Config, workdir: str, mesh: jax.sharding.Mesh | None = None
 ) -> state_lib.TrainState:
-    """Trains (or resumes) until cfg.total_steps; returns the final state."""
+    """Trains (or resumes) until cfg.total_steps; returns the final state.
+
+    Raises ConfigError, before anything in `workdir` is written, when a key outside
+    config.RESUMABLE_KEYS differs from the run being resumed, and `Interrupted` on Ctrl-C."""
     trainer = Trainer(cfg, workdir, mesh)
-    write_config(workdir, cfg)
-    data_iter = data_lib.make_iterator(
-        cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed, with_images=cfg.data.with_images
-    )
-    state = trainer.restore_or_init(data_iter)
-    start = int(jax.device_get(state.step))
-    writer = MetricsWriter(workdir)
+    writer = None
     try:
+        latest = trainer.checkpointer.latest_step()
+        if latest is not None:
+            check_resume(cfg, workdir, latest)
+        elif os.path.exists(os.path.join(workdir, "config.json")):
+            log.info(
+                "no checkpoint in %s (an earlier run stopped before its first): starting from step 0", workdir
+            )
+        data_iter = data_lib.make_iterator(
+            cfg.data, global_batch_size=cfg.batch_size, seed=cfg.seed, with_images=cfg.data.with_images
+        )
+        state = trainer.restore_or_init(data_iter)
+        start = int(jax.device_get(state.step))
+        write_config(workdir, cfg)
         if start >= cfg.total_steps:
             log.info("already trained to step %d (total_steps=%d)", start, cfg.total_steps)
             return state
+        writer = MetricsWriter(workdir, start=start)
         with jax.set_mesh(trainer.mesh):
             state = _run(trainer, state, data_iter, start, writer)
+    except KeyboardInterrupt:
+        trainer.checkpointer.wait()  # a save in flight completes and counts
+        raise Interrupted(trainer.checkpointer.latest_step()) from None
     finally:
         trainer.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     return state
 
 

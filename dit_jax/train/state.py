@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +10,8 @@ import optax
 from flax import nnx, struct
 
 from dit_jax import config as config_lib
-from dit_jax.models import DiT
+from dit_jax.models.build import ModelSpec, build_model
 from dit_jax.parallel import mesh as mesh_lib
-from pallas_kernels import masks
 
 
 class TrainState(struct.PyTreeNode):
@@ -20,48 +19,6 @@ class TrainState(struct.PyTreeNode):
     params: Any  # pure dict of arrays
     ema: Any
     opt_state: Any
-
-
-class ModelSpec(NamedTuple):
-    """What is static about a model: its graph, parameter shapes and logical axes."""
-
-    graphdef: nnx.GraphDef
-    abstract_params: Any
-    logical_axes: Any
-
-
-def _logical_axes(abstract_state: nnx.State) -> Any:
-    axes = jax.tree.map(
-        lambda v: v.get_metadata().get("logical_axes"),
-        abstract_state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-    return axes.to_pure_dict()
-
-
-def attention_mask(cfg: config_lib.Config) -> masks.Mask | None:
-    """The configured attention mask over the patch-token grid (None = full attention)."""
-    window = cfg.attention.window()
-    if window is None:
-        return None
-    grid = cfg.model.image_size // cfg.model.patch_size
-    return masks.Neighborhood2D(grid=(grid, grid), window=window)
-
-
-def build_model(cfg: config_lib.Config, seed: int | None = None) -> DiT:
-    seed = cfg.seed if seed is None else seed
-    return DiT(cfg.model, cfg.attention.impl, attention_mask(cfg), rngs=nnx.Rngs(params=seed))
-
-
-def model_spec(cfg: config_lib.Config) -> ModelSpec:
-    """Model shapes without allocating (nnx.eval_shape)."""
-    abstract = nnx.eval_shape(lambda: build_model(cfg))
-    graphdef, state = nnx.split(abstract)
-    return ModelSpec(graphdef, state.to_pure_dict(), _logical_axes(state))
-
-
-def apply_model(graphdef: nnx.GraphDef, params: Any, *args, **kwargs) -> jax.Array:
-    return nnx.merge(graphdef, params)(*args, **kwargs)
 
 
 def learning_rate(cfg: config_lib.Optim, total_steps: int) -> optax.Schedule:

@@ -13,10 +13,11 @@ from flax import nnx
 
 from dit_jax import config as config_lib
 from dit_jax.diffusion import make_objective
+from dit_jax.models.build import ModelSpec, model_spec
 from dit_jax.parallel import mesh as mesh_lib
 from dit_jax.train import repa
 from dit_jax.train import state as state_lib
-from dit_jax.train.state import ModelSpec, TrainState, learning_rate
+from dit_jax.train.state import TrainState, learning_rate
 
 
 def ema_decay(cfg: config_lib.Optim, step: jax.Array) -> jax.Array:
@@ -123,7 +124,7 @@ def build_train_step(
     cfg: config_lib.Config, mesh: jax.sharding.Mesh, encoder: repa.Encoder | None = None
 ) -> BuiltStep:
     """The train step for (config, mesh), built one way for the Trainer and for `dit_jax.plan`."""
-    spec = state_lib.model_spec(cfg)
+    spec = model_spec(cfg)
     tx = state_lib.optimizer(cfg)
     shardings = state_lib.state_shardings(cfg, spec, tx, mesh)
     return BuiltStep(spec, tx, shardings, make_train_step(cfg, spec, tx, mesh, shardings, encoder))
