@@ -396,7 +396,6 @@ class Config:
     eval_every: int = 0
     keep_checkpoints: int = 3
     grid_samples_per_class: int = 8
-    stop_on_nonfinite: bool = True
     model: Model = Model()
     attention: Attention = Attention()
     objective: Objective = Objective()
@@ -477,10 +476,17 @@ def _build(cls: type, values: Any, prefix: str):
     return cls(**kwargs)
 
 
+# Top-level keys of earlier versions that no longer mean anything: `from_dict` drops them, so an
+# older workdir's config.json still loads (and resumes: they are not part of the config compared).
+RETIRED_KEYS = ("stop_on_nonfinite",)  # a non-finite loss always stops training
+
+
 def from_dict(values: Any) -> Config:
-    """Converts a ConfigDict / nested dict into a validated `Config`."""
+    """Converts a ConfigDict / nested dict into a validated `Config` (dropping RETIRED_KEYS)."""
     if hasattr(values, "to_dict"):
         values = values.to_dict()
+    if hasattr(values, "items"):
+        values = {k: v for k, v in values.items() if k not in RETIRED_KEYS}
     return _build(Config, values, "")
 
 

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from dit_jax import config as config_lib
 from dit_jax.data import latents as latents_lib
 from dit_jax.data.errors import DataError
+from dit_jax.data.pixels import to_uint8
 from dit_jax.diffusion import make_objective, sample
 from dit_jax.models.build import ModelSpec, apply_model
 from dit_jax.parallel import mesh as mesh_lib
@@ -28,11 +29,6 @@ from dit_jax.parallel import mesh as mesh_lib
 def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
     """0, 1, ..., K-1, 0, 1, ... : every class equally often (up to one)."""
     return (np.arange(num_samples) % max(num_classes, 1)).astype(np.int32)
-
-
-def to_uint8(x: np.ndarray | jax.Array) -> np.ndarray:
-    """[-1, 1] floats -> uint8 0..255 (round to nearest, as in the DiT/ADM sample scripts)."""
-    return np.asarray(jnp.clip(jnp.round((jnp.asarray(x) + 1) * 127.5), 0, 255).astype(jnp.uint8))
 
 
 class LatentDecoder:

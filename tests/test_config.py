@@ -68,3 +68,23 @@ def test_packaged_configs_resolve_by_name_from_any_directory(tmp_path, monkeypat
         config_files.load_config_file("configs/quickstart.py")
     with pytest.raises(FileNotFoundError, match="no packaged config named 'nope'; choose one of"):
         config_files.load_config_file("nope")
+
+
+def test_retired_key_in_an_old_config_json_loads_and_resumes(tmp_path):
+    import json
+
+    from dit_jax.train.loop import check_resume
+    from dit_jax.workdir import load_config
+
+    cfg = config_lib.from_dict(load_config_file("configs/dit.py:variant=B/2"))
+    assert "stop_on_nonfinite" not in config_lib.to_dict(cfg)
+    old = {**config_lib.to_dict(cfg), "stop_on_nonfinite": False}  # config.json of an older version
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert config_lib.from_dict(old) == cfg
+    assert load_config(str(tmp_path)) == cfg
+    check_resume(cfg, str(tmp_path), 1000)  # not a change that stops a resume
+    # Only a stored config drops it: a config file or an override naming it is told the key is unknown.
+    with pytest.raises(config_lib.ConfigError, match="unknown config key 'stop_on_nonfinite'"):
+        apply_overrides({}, ["--config.stop_on_nonfinite=False"])
+    with pytest.raises(config_lib.ConfigError, match="unknown config key 'model.stop_on_nonfinite'"):
+        config_lib.from_dict({"model": {"stop_on_nonfinite": True}})

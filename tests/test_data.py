@@ -68,7 +68,7 @@ def test_digits_splits_hold_all_images_with_exact_pixels(digits_dir):
     assert set(train_y.tolist()) == set(range(10))
     # Every scikit-learn image is stored exactly once, as round(v * 255 / 16), in one of the splits.
     sk = load_digits()
-    expected = digits.to_uint8(sk.images).astype(np.float32) * (2.0 / 255.0) - 1.0
+    expected = digits.sklearn_to_uint8(sk.images).astype(np.float32) * (2.0 / 255.0) - 1.0
     ours = _keys(np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y]))
     assert ours == _keys(expected, sk.target)
     test_idx = digits.split_indices(sk.target, "test")

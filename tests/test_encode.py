@@ -366,3 +366,26 @@ def test_repa_with_dinov2_on_latents_with_stored_images(encoded, tmp_path):
     # Without the stored images REPA would align to the latents themselves: refused.
     no_images = [k for k in keys if "with_images" not in k]
     assert main(["train", "--config=configs/quickstart.py:smoke", f"--workdir={workdir}_x", *no_images]) == 2
+
+
+def test_latent_source_pickles_without_its_reader_and_names_unreadable_files(encoded, tmp_path):
+    import pickle
+
+    source = data.make_source(_latents_cfg(encoded))
+    first = source[0]
+    assert source._records is not None  # opened by the read
+    copy = pickle.loads(pickle.dumps(source))
+    assert copy._records is None and len(copy) == NUM_EXAMPLES
+    for key, value in copy.__getitems__([0])[0].items():
+        np.testing.assert_array_equal(value, first[key])
+    # A lost last shard is found before training starts (the first and the last record are read).
+    broken = tmp_path / "broken"
+    shutil.copytree(encoded, broken)
+    os.remove(latents.shard_paths(str(broken), latents.load_info(str(broken)))[-1])
+    with pytest.raises(data.DataError, match=r"missing shards or is corrupt .*finished shards are kept"):
+        data.make_source(_latents_cfg(str(broken)))
+    # A folder TFDS cannot open says so once (not wrapped again as a corrupt shard).
+    os.remove(broken / "features.json")
+    with pytest.raises(data.DataError, match=r"^data.path=.*cannot open split 'train'") as err:
+        data.make_source(_latents_cfg(str(broken)))
+    assert "corrupt" not in str(err.value)

@@ -6,11 +6,8 @@ import numpy as np
 import pytest
 
 from dit_jax import config, data
+from dit_jax.data.pixels import to_uint8
 from dit_jax.eval import EvalError, digits_metrics, load_or_train_classifier, proxy
-
-
-def to_uint8(x):
-    return np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")

@@ -35,8 +35,9 @@ def split_indices(labels: np.ndarray, split: str) -> np.ndarray:
     raise ValueError(f"unknown digits split {split!r}; expected 'train' or 'test'")
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """scikit-learn's 0..16 float pixels -> uint8 0..255 with a trailing channel axis."""
+def sklearn_to_uint8(images: np.ndarray) -> np.ndarray:
+    """scikit-learn's 0..16 float pixels -> uint8 0..255 with a trailing channel axis (the stored
+    pixels; dit_jax.data.pixels converts them to and from the model's [-1, 1])."""
     scaled = np.round(np.asarray(images, dtype=np.float64) * 255.0 / 16.0)
     return np.clip(scaled, 0, 255).astype(np.uint8)[..., None]
 
@@ -72,7 +73,7 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         from sklearn.datasets import load_digits  # heavy import, only needed while preparing
 
         digits = load_digits()
-        images, labels = to_uint8(digits.images), digits.target.astype(np.int64)
+        images, labels = sklearn_to_uint8(digits.images), digits.target.astype(np.int64)
         return {
             split: self._generate_examples(images, labels, split_indices(labels, split))
             for split in SPLIT_SIZES

@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dit_jax import config
-from dit_jax.data import image_folder, latents, sources
+from dit_jax.data import image_folder, latents, pixels, sources
 from dit_jax.data.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -163,8 +163,7 @@ class _Folder:
         return len(self.files)
 
     def _one(self, index: int) -> np.ndarray:
-        image = image_folder.load_image(self.files[index][0], self.size, self.channels)
-        return image.astype(np.float32) * (2.0 / 255.0) - 1.0
+        return pixels.from_uint8(image_folder.load_image(self.files[index][0], self.size, self.channels))
 
     def load(self, indices: Sequence[int], pool) -> tuple[np.ndarray, np.ndarray]:
         x = np.stack(list(pool.map(self._one, indices)))
@@ -348,16 +347,11 @@ class _Encoder:
         return self._fn(self.params, jax.device_put(x_BHWC, self.sharding))
 
 
-def to_pixels(x_BHWC: np.ndarray) -> np.ndarray:
-    """Images in [-1, 1] (as the VAE encodes them) -> uint8, rounded to nearest. Exact for images
-    read as uint8 (image folders); digits resized in float are quantised to 1/255 here."""
-    return np.clip(np.round((x_BHWC.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def _load(images, indices: Sequence[int], pool, store_images: bool):
-    """(images float32 [B, H, W, C] in [-1, 1], labels, the same images as uint8 or None)."""
+    """(images float32 [B, H, W, C] in [-1, 1], labels, the same images as uint8 or None): exact
+    for images read as uint8 (image folders); digits resized in float are quantised to 1/255 here."""
     x, labels = images.load(indices, pool)
-    return x, labels, to_pixels(x) if store_images else None
+    return x, labels, pixels.to_uint8(x) if store_images else None
 
 
 def _serialize(

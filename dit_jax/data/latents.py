@@ -27,13 +27,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from grain.experimental import ShapeDtypeStruct
 
 from dit_jax import config
+from dit_jax.data import records
 from dit_jax.data.errors import DataError
 
 DATASET_NAME = "dit_latents"
@@ -232,18 +232,16 @@ def check_images(cfg: config.Data, info: LatentsInfo) -> None:
         )
 
 
-class LatentSource:
+class LatentSource(records.ArrayRecordSource):
     """Random-access source of stored records {"mean", "std", ["mean_flipped", "std_flipped"],
     ["image"], "y"}.
 
     Pickles as (directory, split) and reopens lazily, like the image sources."""
 
     def __init__(self, directory: str, split: str, info: LatentsInfo):
+        super().__init__(split, info.num_examples)
         self.directory = directory
-        self.split = split
         self.info = info
-        self._records = None
-        self._length = info.num_examples
 
     @property
     def element_spec(self) -> dict[str, ShapeDtypeStruct]:
@@ -253,48 +251,27 @@ class LatentSource:
             spec["image"] = ShapeDtypeStruct(self.info.image_shape, np.uint8)
         return {**spec, "y": ShapeDtypeStruct((), np.int32)}
 
-    def __len__(self) -> int:
-        return self._length
-
     def __repr__(self) -> str:
         return f"LatentSource({self.directory!r}, split={self.split!r}, latents={self.info.latent_shape})"
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_records": None}
+    def _builder(self) -> tfds.core.DatasetBuilder:
+        return tfds.builder_from_directory(self.directory)
 
-    def _open(self):
-        if self._records is None:
-            try:
-                builder = tfds.builder_from_directory(self.directory)
-                self._records = builder.as_data_source(split=self.split)
-            except (OSError, RuntimeError, ValueError, KeyError) as err:
-                raise DataError(
-                    f"data.path={self.directory!r}: cannot open split {self.split!r} of the latents data "
-                    f"set ({err}); re-run `dit-jax encode` into a fresh folder"
-                ) from err
-        return self._records
+    def _open_failed(self, err: Exception) -> str:
+        return (
+            f"data.path={self.directory!r}: cannot open split {self.split!r} of the latents data "
+            f"set ({err}); re-run `dit-jax encode` into a fresh folder"
+        )
 
-    def check_readable(self) -> None:
-        """Reads the first and last record; raises DataError when shard files are missing or corrupt."""
-        try:
-            if self._length:
-                self._open().__getitems__([0, self._length - 1])
-        except (OSError, RuntimeError, ValueError) as err:
-            raise DataError(
-                f"the latents data set at {self.directory!r} is missing shards or is corrupt ({err}); "
-                "re-run the `dit-jax encode` command that wrote it (finished shards are kept)"
-            ) from err
+    def _read_failed(self, err: Exception) -> str:
+        return (
+            f"the latents data set at {self.directory!r} is missing shards or is corrupt ({err}); "
+            "re-run the `dit-jax encode` command that wrote it (finished shards are kept)"
+        )
 
-    @staticmethod
-    def _convert(record: dict) -> dict[str, np.ndarray]:
+    def _convert(self, record: dict) -> dict[str, np.ndarray]:
         out = {k: np.asarray(v) for k, v in record.items() if k != "label"}
         return {**out, "y": np.int32(record["label"])}
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return self._convert(self._open()[int(index)])
-
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
-        return [self._convert(r) for r in self._open().__getitems__([int(i) for i in indices])]
 
 
 class LatentSampler:

@@ -17,68 +17,48 @@ from grain.experimental import ShapeDtypeStruct
 from PIL import Image
 
 from dit_jax import config
-from dit_jax.data import digits, image_folder, latents, synthetic
+from dit_jax.data import digits, image_folder, latents, pixels, records, synthetic
 from dit_jax.data.errors import DataError
 
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "dit_jax", "datasets")
 _LOAD_CHUNK = 1024
 
 
-class TfdsImageSource:
-    """Wraps a prepared TFDS builder's split; pickles as (builder, split) and reopens lazily."""
+class TfdsImageSource(records.ArrayRecordSource):
+    """A prepared TFDS image data set's split; pickles as (builder, split) and reopens lazily."""
 
     def __init__(self, builder: tfds.core.DatasetBuilder, split: str, image_size: int):
+        super().__init__(split, builder.info.splits[split].num_examples)
         self.builder = builder
-        self.split = split
         self.image_size = image_size
         stored = builder.info.features["image"].shape
         self.stored_size, self.channels = stored[0], stored[2]
         self.num_classes = builder.info.features["label"].num_classes
-        self._length = builder.info.splits[split].num_examples
-        self._records = None
 
     @property
     def element_spec(self) -> dict[str, ShapeDtypeStruct]:
         shape = (self.image_size, self.image_size, self.channels)
         return {"x": ShapeDtypeStruct(shape, np.float32), "y": ShapeDtypeStruct((), np.int32)}
 
-    def __len__(self) -> int:
-        return self._length
-
     def __repr__(self) -> str:
         return f"TfdsImageSource({self.builder.info.full_name}, split={self.split!r}, size={self.image_size})"
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_records": None}
+    def _builder(self) -> tfds.core.DatasetBuilder:
+        return self.builder
 
-    def _open(self):
-        if self._records is None:
-            self._records = self.builder.as_data_source(split=self.split)
-        return self._records
+    def _read_failed(self, err: Exception) -> str:
+        return (
+            f"the prepared data set at {self.builder.data_dir!r} is missing or corrupt ({err}); "
+            "delete that folder and run again to prepare it afresh"
+        )
 
-    def check_readable(self) -> None:
-        """Reads one record; raises DataError when the prepared files are missing or corrupt."""
-        try:
-            if self._length:
-                self._open()[0]
-        except (OSError, RuntimeError, ValueError) as err:
-            folder = self.builder.data_dir
-            raise DataError(
-                f"the prepared data set at {folder!r} is missing or corrupt ({err}); "
-                "delete that folder and run again to prepare it afresh"
-            ) from err
+    _open_failed = _read_failed
 
     def _convert(self, record: dict) -> dict[str, np.ndarray]:
-        x = np.asarray(record["image"], dtype=np.float32) * (2.0 / 255.0) - 1.0
+        x = pixels.from_uint8(record["image"])
         if self.image_size != self.stored_size:
             x = resize_bilinear(x, self.image_size)
         return {"x": x, "y": np.int32(record["label"])}
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return self._convert(self._open()[int(index)])
-
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
-        return [self._convert(r) for r in self._open().__getitems__([int(i) for i in indices])]
 
 
 def resize_bilinear(x: np.ndarray, size: int) -> np.ndarray:

@@ -35,6 +35,7 @@ import optax
 from flax import nnx
 
 from dit_jax import config, data
+from dit_jax.data import pixels
 from dit_jax.eval.fid import fid_from_features
 from dit_jax.eval.precision_recall import precision_recall
 from dit_jax.eval.samples_io import EvalError, check_enough_samples
@@ -96,9 +97,7 @@ class ClassifierNet(nnx.Module):
         return self.head(self.features(x_BHWC))
 
 
-def to_model_space(images: np.ndarray) -> np.ndarray:
-    """uint8 0..255 -> float32 [-1, 1], exactly as the data pipeline scales stored pixels."""
-    return np.asarray(images, np.float32) * (2.0 / 255.0) - 1.0
+to_model_space = pixels.from_uint8  # the former name (tests/test_eval_cli.py); use pixels.from_uint8
 
 
 def _check_digits(data_cfg: config.Data) -> None:
@@ -217,8 +216,7 @@ class DigitsClassifier:
 
     def logits_and_features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits [N, K] and penultimate features [N, FEATURE_DIM], in jitted chunks."""
-        images = np.asarray(images)
-        x = to_model_space(images) if images.dtype == np.uint8 else np.asarray(images, np.float32)
+        x = pixels.as_model_space(np.asarray(images))
         expected = (self.data_cfg.image_size, self.data_cfg.image_size, self.data_cfg.channels)
         if x.ndim != 4 or x.shape[1:] != expected:
             raise EvalError(
@@ -353,7 +351,7 @@ def digits_metrics(
         )
     check_enough_samples(len(samples), ("fid", "prec_recall"))
     ref = classifier.reference()
-    x = to_model_space(samples)
+    x = pixels.from_uint8(samples)
     logits, features = classifier.logits_and_features(x)
     metrics: dict[str, float] = {"num_samples": float(len(samples))}
     if labels is not None:

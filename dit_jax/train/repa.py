@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from dit_jax import config as config_lib
+from dit_jax.data import pixels
 
 
 class RepaError(ValueError):
@@ -68,12 +69,6 @@ def pool_to_grid(f_BHWZ: jax.Array, grid: int) -> jax.Array:
     return f.reshape(b, grid * grid, z)
 
 
-def _to_model_space(images: jax.Array) -> jax.Array:
-    if images.dtype == jnp.uint8:
-        return images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
-    return images.astype(jnp.float32)
-
-
 def _digits_encoder(cfg: config_lib.Config, grid: int) -> Encoder:
     from dit_jax.eval import proxy
 
@@ -83,7 +78,7 @@ def _digits_encoder(cfg: config_lib.Config, grid: int) -> Encoder:
             "use repa.encoder='dinov2' for other data"
         )
     spatial, params = proxy.load_or_train_classifier(cfg.data).spatial_encoder()
-    apply = lambda params, images: pool_to_grid(spatial(params, _to_model_space(images)), grid)
+    apply = lambda params, images: pool_to_grid(spatial(params, pixels.as_model_space(images)), grid)
     return Encoder(apply, params, 2 * proxy.CLASSIFIER_WIDTH)
 
 
