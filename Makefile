@@ -15,7 +15,7 @@ AOT_VENV ?= .venv-aot
 # Deviceless TPU / GPU compilation: CPU platform only, libtpu may be loaded by several test workers.
 AOT_ENV := JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 TPU_SKIP_MDS_QUERY=1
 
-.PHONY: install install-dev install-aot quickstart test test-aot lint format bench test-py312 clean
+.PHONY: install install-dev install-aot quickstart test test-aot lint format bench tensorboard test-py312 clean print-py312
 
 # The base environment (pinned). Re-runs only when the dependency files change.
 install: $(VENV)/.installed
@@ -69,6 +69,11 @@ $(AOT_VENV)/.installed: setup.cfg pyproject.toml constraints-aot.txt
 # Compile kernels and sharded train steps for TPU v5e/v5p and H100 on this CPU (tests/aot).
 test-aot: install-aot
 	$(AOT_ENV) $(AOT_VENV)/bin/python -m pytest -q -rs -n 2 --dist worksteal --durations=10 tests/aot
+
+# TensorBoard on the runs/ folder (the `tensorboard` extra, installed on first use).
+tensorboard: install
+	$(PIP) install -q -c constraints.txt -e ".[tensorboard]"
+	$(BIN)/tensorboard --logdir runs
 
 bench: install-dev
 	$(BIN)/python benchmarks/train_step.py --config=configs/dit.py:variant=S/2 --batch_size=8 --steps=20 --json

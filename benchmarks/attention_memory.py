@@ -3,13 +3,16 @@
 Deterministic on CPU, so tests assert on it. Dense f32 scores for 16k tokens x 4 heads would be
 4 GiB; the chunked path (and "auto", which picks it on CPU) stays linear in sequence length.
 
-    python benchmarks/attention_memory.py [--seq 16384] [--heads 4] [--head_dim 64] [--impl auto chunked]
+    python benchmarks/attention_memory.py [--seq 16384] [--heads 4] [--head_dim 64] [--impl auto chunked] \
+        [--out benchmarks/results/cpu_attention_memory_<date>.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -48,11 +51,18 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head_dim", type=int, default=64)
     parser.add_argument("--impl", nargs="+", default=["auto", "chunked"])
+    parser.add_argument("--out", help="also write the rows (with date and command) to this JSON file")
     args = parser.parse_args()
+    rows = []
     for impl in args.impl:
         row = measure(impl, args.seq, args.heads, args.head_dim)
         row.update(backend=jax.default_backend(), jax=jax.__version__)
+        rows.append(row)
         print(json.dumps(row))
+    if args.out:
+        meta = dict(date=datetime.date.today().isoformat(), command=" ".join(["python", *sys.argv]))
+        with open(args.out, "w") as f:
+            json.dump(meta | dict(rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
