@@ -49,6 +49,7 @@ def test_wheel_in_a_fresh_venv_runs_the_notebooks_and_the_cli(tmp_path, data_dir
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     from test_diffusers_dit import tie_embedders
+
     dist, outside = tmp_path / "dist", tmp_path / "elsewhere"
     outside.mkdir()
     run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), REPO])
