@@ -4,7 +4,7 @@ Data sets store uint8 pixels and the model sees x * 2 / 255 - 1; samples become 
 rounding (x + 1) * 127.5 to nearest (ties to even, as in the DiT/ADM sample scripts), so every
 uint8 image survives the round trip unchanged. Both are computed in float32.
 
-Not these conversions: Inception's and DINOv2's own input scalings (dit_jax.eval.inception,
+Not these conversions: Inception's and DINOv2's own input scalings (dit_jax.models.inception,
 dit_jax.models.dinov2), which follow their reference implementations on resized images.
 """
 

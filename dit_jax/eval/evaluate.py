@@ -29,8 +29,8 @@ LOWER_IS_BETTER = ("fid", "sfid", "fd_classifier", "copy_fraction")
 @functools.lru_cache(maxsize=2)
 def _inception(weights: str | None):
     """The jitted Inception feature function for a weights file, loaded and compiled once."""
-    from dit_jax.eval.inception import jit_features
     from dit_jax.eval.inception_convert import load_fid_inception
+    from dit_jax.models.inception import jit_features
 
     return jit_features(load_fid_inception(weights))
 

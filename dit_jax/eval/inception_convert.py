@@ -25,8 +25,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dit_jax.eval.inception import InceptionV3, Preprocess
 from dit_jax.interop.torch_checkpoint import CheckpointFormatError, read_torch_checkpoint, to_numpy
+from dit_jax.models.inception import InceptionV3, Preprocess
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILENAME}"

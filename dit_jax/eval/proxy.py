@@ -39,62 +39,13 @@ from dit_jax.data import pixels
 from dit_jax.eval.fid import fid_from_features
 from dit_jax.eval.precision_recall import precision_recall
 from dit_jax.eval.samples_io import EvalError, check_enough_samples
+from dit_jax.models.digits_classifier import FEATURE_DIM, ClassifierNet
 
 CLASSIFIER_VERSION = "digits-cnn-v1"  # bump when the architecture or the training recipe changes
-FEATURE_DIM = 64
-CLASSIFIER_WIDTH = 16  # channels of the first convolution; the second has twice as many
 COPY_DISTANCE = 0.02
 TRAIN_STEPS = 800
 BATCH_SIZE = 128
 _APPLY_CHUNK = 512
-
-
-def _patches(x_BHWC: jax.Array, stride: int) -> jax.Array:
-    """3x3 neighbourhoods (zero padded) at every `stride`-th pixel: [B, H/stride, W/stride, 9 C]."""
-    _, height, width, _ = x_BHWC.shape
-    padded = jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    views = [padded[:, i : i + height : stride, j : j + width : stride] for i in range(3) for j in range(3)]
-    return jnp.concatenate(views, axis=-1)
-
-
-class Conv3x3(nnx.Module):
-    """A 3x3 'SAME' convolution written as patches @ kernel: XLA's CPU convolution gradients are ~10x
-    slower at these sizes, and this keeps training to seconds."""
-
-    def __init__(self, in_features: int, out_features: int, stride: int = 1, *, rngs: nnx.Rngs):
-        self.stride = stride
-        self.linear = nnx.Linear(9 * in_features, out_features, rngs=rngs)
-
-    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-        return self.linear(_patches(x_BHWC, self.stride))
-
-
-class ClassifierNet(nnx.Module):
-    """Two 3x3 convolutions (the second with stride 2), a FEATURE_DIM-d feature layer and a linear head."""
-
-    def __init__(
-        self,
-        image_size: int,
-        channels: int,
-        num_classes: int,
-        width: int = CLASSIFIER_WIDTH,
-        *,
-        rngs: nnx.Rngs,
-    ):
-        self.conv1 = Conv3x3(channels, width, rngs=rngs)
-        self.conv2 = Conv3x3(width, 2 * width, stride=2, rngs=rngs)
-        reduced = -(-image_size // 2)
-        self.dense = nnx.Linear(reduced * reduced * 2 * width, FEATURE_DIM, rngs=rngs)
-        self.head = nnx.Linear(FEATURE_DIM, num_classes, rngs=rngs)
-
-    def features(self, x_BHWC: jax.Array) -> jax.Array:
-        """Penultimate-layer activations [B, FEATURE_DIM]."""
-        h = nnx.gelu(self.conv1(x_BHWC))
-        h = nnx.gelu(self.conv2(h))
-        return nnx.gelu(self.dense(h.reshape(h.shape[0], -1)))
-
-    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-        return self.head(self.features(x_BHWC))
 
 
 to_model_space = pixels.from_uint8  # the former name (tests/test_eval_cli.py); use pixels.from_uint8

@@ -18,7 +18,7 @@ class CheckpointFormatError(ValueError):
     """A checkpoint that does not match the requested model; the message names the offending keys."""
 
 
-class TorchRequired(CheckpointFormatError):
+class TorchRequired(CheckpointFormatError, ImportError):
     """A pickled PyTorch file (.pt / .pth / .bin) and no PyTorch installed."""
 
 

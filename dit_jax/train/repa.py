@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from dit_jax import config as config_lib
 from dit_jax.data import pixels
+from dit_jax.models import digits_classifier
 
 
 class RepaError(ValueError):
@@ -79,7 +80,7 @@ def _digits_encoder(cfg: config_lib.Config, grid: int) -> Encoder:
         )
     spatial, params = proxy.load_or_train_classifier(cfg.data).spatial_encoder()
     apply = lambda params, images: pool_to_grid(spatial(params, pixels.as_model_space(images)), grid)
-    return Encoder(apply, params, 2 * proxy.CLASSIFIER_WIDTH)
+    return Encoder(apply, params, 2 * digits_classifier.CLASSIFIER_WIDTH)
 
 
 def _dinov2_encoder(cfg: config_lib.Config, grid: int) -> Encoder:
