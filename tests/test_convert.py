@@ -4,12 +4,11 @@ and that `dit-jax sample` uses directly; bad input is one line and exit code 2."
 from __future__ import annotations
 
 import numpy as np
+import parity
 import pytest
-from flax import nnx
 
 from dit_jax import cli
 from dit_jax import workdir as workdir_lib
-from dit_jax.train import loop
 
 torch = pytest.importorskip("torch")
 import torch_dit_reference as dit_ref  # noqa: E402  (needs torch)
@@ -21,13 +20,20 @@ TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, nu
 
 def restored_output(workdir: str, x_BCHW: np.ndarray, t_B: np.ndarray) -> tuple[np.ndarray, object]:
     """The converted workdir's EMA model on NCHW inputs at network times t_B, and its config."""
-    cfg = workdir_lib.load_config(workdir)
-    trainer = loop.Trainer(cfg, workdir)
-    _, state, _ = trainer.checkpointer.restore(trainer.abstract_state())
-    trainer.checkpointer.close()
-    model = nnx.merge(trainer.spec.graphdef, state.ema)
-    out = model(x_BCHW.transpose(0, 2, 3, 1), t_B, Y_B)
-    return np.asarray(out).transpose(0, 3, 1, 2), cfg
+    run = workdir_lib.load(workdir)
+    out = run.model()(x_BCHW.transpose(0, 2, 3, 1), t_B, Y_B)
+    return np.asarray(out).transpose(0, 3, 1, 2), run.config
+
+
+def reference_runs(model, x_BCHW: np.ndarray, t_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The PyTorch model's output in float32, and from a float64 copy in float64 (tests/parity.py)."""
+
+    def run(module, dtype):
+        with torch.no_grad():
+            x, t = torch.from_numpy(x_BCHW).to(dtype), torch.from_numpy(t_B).to(dtype)
+            return module(x, t, torch.as_tensor(Y_B)).numpy()
+
+    return run(model, torch.float32), run(parity.float64(model), torch.float64)
 
 
 def run_cli(*argv: str) -> int:
@@ -45,11 +51,10 @@ def test_convert_official_dit_then_sample(tmp_path, capsys, tiny_vae_dir):
     assert "sampler ddpm 250 steps" in capsys.readouterr().out
 
     x = np.random.default_rng(0).standard_normal((len(T_B), 4, 8, 8)).astype(np.float32)
-    with torch.no_grad():
-        want = model(torch.from_numpy(x), torch.from_numpy(T_B * 1000), torch.as_tensor(Y_B)).numpy()
+    ref32, ref64 = reference_runs(model, x, T_B * 1000)
     got, cfg = restored_output(workdir, x, T_B * 1000)
     assert cfg.objective.kind == "ddpm" and cfg.model.learn_sigma and cfg.model.num_heads == 2
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    parity.assert_parity("converted DiT", got, ref32, ref64)
 
     out = tmp_path / "s.npz"
     assert (
@@ -76,10 +81,9 @@ def test_convert_lightningdit_infers_architecture_and_time_convention(tmp_path):
     assert (cfg.objective.time_scale, cfg.objective.time_direction) == (1.0, "noise_to_data")
     assert (cfg.sampler.kind, cfg.sampler.cfg_scale) == ("euler", 6.7)
     x = np.random.default_rng(1).standard_normal((len(T_B), 4, 8, 8)).astype(np.float32)
-    with torch.no_grad():
-        want = model(torch.from_numpy(x), torch.from_numpy(T_B), torch.as_tensor(Y_B)).numpy()
+    ref32, ref64 = reference_runs(model, x, T_B)
     got, _ = restored_output(workdir, x, T_B)
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    parity.assert_parity("converted LightningDiT", got, ref32, ref64, multiple=2.5)
 
 
 def test_convert_bad_input_is_one_line(tmp_path, capsys):

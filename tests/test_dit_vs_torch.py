@@ -13,6 +13,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import parity
 import pytest
 from flax import nnx
 
@@ -20,10 +21,10 @@ from dit_jax import config as config_lib
 from dit_jax.interop import CheckpointFormatError, convert_official_dit, load_official_dit
 from dit_jax.models import DiT
 
-torch = pytest.importorskip("torch")
-import torch_dit_reference as ref  # noqa: E402  (needs torch)
+torch = parity.optional("torch")
+ref = parity.optional("torch_dit_reference")  # needs torch
+needs_torch = parity.requires("torch")
 
-ATOL = 1e-5
 NUM_CLASSES = 10
 T_B = np.array([0.0, 17.5, 999.0, 500.25], np.float32)
 Y_B = np.array([0, 3, NUM_CLASSES, 9])  # NUM_CLASSES is the null (CFG) class
@@ -89,36 +90,45 @@ def jax_apply(cfg: config_lib.Model):
     return jax.jit(lambda params, x, t, y: nnx.merge(graphdef, params)(x, t, y))
 
 
-def max_abs_diff_vs_torch(cfg: config_lib.Model, model: ref.DiT, y_B: np.ndarray | None) -> float:
+def assert_matches_torch(name: str, cfg: config_lib.Model, model: ref.DiT, y_B: np.ndarray | None) -> None:
+    """Our float32 output against the official model's in float32 and float64 (tests/parity.py)."""
     rng = np.random.default_rng(0)
     x_BCHW = rng.standard_normal((len(T_B), cfg.in_channels, cfg.image_size, cfg.image_size), np.float32)
     y_torch = torch.as_tensor(np.zeros(len(T_B), np.int64) if y_B is None else y_B)
-    with torch.no_grad():
-        expected = model(torch.from_numpy(x_BCHW), torch.from_numpy(T_B), y_torch).numpy()
+
+    def run(module, dtype):
+        with torch.no_grad():
+            return module(
+                torch.from_numpy(x_BCHW).to(dtype), torch.from_numpy(T_B).to(dtype), y_torch
+            ).numpy()
+
+    ref32, ref64 = run(model, torch.float32), run(parity.float64(model), torch.float64)
     params = convert_official_dit(model.state_dict(), cfg)  # torch tensors accepted directly
     got = jax_apply(cfg)(params, x_BCHW.transpose(0, 2, 3, 1), T_B, None if y_B is None else jnp.asarray(y_B))
     got = np.asarray(got).transpose(0, 3, 1, 2)
-    assert got.shape == expected.shape == (len(T_B), cfg.out_channels, cfg.image_size, cfg.image_size)
-    assert np.abs(expected).mean() > 0.1  # the comparison is not between near-zero outputs
-    return float(np.max(np.abs(got - expected)))
+    assert got.shape == (len(T_B), cfg.out_channels, cfg.image_size, cfg.image_size)
+    assert np.abs(ref64).mean() > 0.1  # the comparison is not between near-zero outputs
+    parity.assert_parity(name, got, ref32, ref64)
 
 
+@needs_torch
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_matches_official_dit(name):
     cfg = model_config(**CONFIGS[name])
-    diff = max_abs_diff_vs_torch(cfg, torch_dit(cfg), Y_B)
-    assert diff <= ATOL, f"{name}: max abs diff {diff:.3g}"
+    assert_matches_torch(name, cfg, torch_dit(cfg), Y_B)
 
 
+@needs_torch
 def test_unconditional_official_dit_folds_null_class_into_timestep_bias():
     """An official DiT with num_classes=0 adds its single (null) label row to c: we fold it away."""
     cfg = dataclasses.replace(model_config(**CONFIGS["p2_d1_c4_sigma"]), num_classes=0)
     model = torch_dit(cfg)
     params = convert_official_dit(official_state_dict(model), cfg)
     assert "y_embedder" not in params
-    assert max_abs_diff_vs_torch(cfg, model, None) <= ATOL
+    assert_matches_torch("unconditional", cfg, model, None)
 
 
+@needs_torch
 def test_params_tree_matches_model():
     cfg = model_config(**CONFIGS["p4_d2_c1"])
     params = convert_official_dit(official_state_dict(torch_dit(cfg)), cfg)
@@ -131,6 +141,7 @@ def test_params_tree_matches_model():
 # --- initialisation and gradients -------------------------------------------------------------------
 
 
+@needs_torch
 def test_init_matches_official_scheme():
     """Per-parameter statistics of our init against the official init (converted to our layout)."""
     cfg = model_config(image_size=16, patch_size=2, in_channels=4, hidden_size=128, depth=2, num_heads=4)
@@ -213,6 +224,7 @@ def small():
     return cfg, official_state_dict(torch_dit(cfg))
 
 
+@needs_torch
 def test_missing_and_unexpected_keys_are_named(small):
     cfg, sd = small
     sd = dict(sd)
@@ -224,6 +236,7 @@ def test_missing_and_unexpected_keys_are_named(small):
     assert isinstance(err.value, ValueError)
 
 
+@needs_torch
 def test_depth_mismatch_names_extra_blocks(small):
     cfg, sd = small
     deeper = dataclasses.replace(cfg, depth=2)
@@ -231,6 +244,7 @@ def test_depth_mismatch_names_extra_blocks(small):
         convert_official_dit(sd, deeper)
 
 
+@needs_torch
 def test_shape_mismatch_names_parameter_and_shapes(small):
     cfg, sd = small
     sd = dict(sd, **{"final_layer.linear.weight": np.zeros((16, 32), np.float32)})
@@ -239,6 +253,7 @@ def test_shape_mismatch_names_parameter_and_shapes(small):
         convert_official_dit(sd, cfg)
 
 
+@needs_torch
 def test_label_table_without_null_class_is_explained():
     cfg = model_config(**CONFIGS["p2_d1_c4_sigma"])
     sd = official_state_dict(torch_dit(dataclasses.replace(cfg, class_dropout=0.0)))
@@ -246,6 +261,7 @@ def test_label_table_without_null_class_is_explained():
         convert_official_dit(sd, cfg)
 
 
+@needs_torch
 def test_pos_embed_is_checked(small):
     cfg, sd = small
     bad = dict(sd, pos_embed=sd["pos_embed"] + 0.1)
@@ -259,6 +275,7 @@ def test_pos_embed_is_checked(small):
 # --- .pt files ------------------------------------------------------------------------------------
 
 
+@needs_torch
 def test_load_official_dit_prefers_ema(small, tmp_path):
     cfg, sd = small
     ema = {k: torch.from_numpy(v + 1.0 if k != "pos_embed" else v) for k, v in sd.items()}
@@ -286,6 +303,7 @@ def test_load_official_dit_prefers_ema(small, tmp_path):
     assert got["final"]["proj"]["kernel"].dtype == np.float32
 
 
+@needs_torch
 def test_load_official_dit_bad_files(small, tmp_path):
     cfg, _ = small
     with pytest.raises(FileNotFoundError, match="not found"):

@@ -71,12 +71,28 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_pa
         total_steps=30, checkpoint_every=1, log_every=1, optim=dict(lr=1e30, warmup_steps=0, grad_clip=0.0)
     )
     workdir = str(tmp_path / "nan")
-    with pytest.raises(loop.NonFiniteLoss, match="non-finite") as info:
+    with pytest.raises(loop.NonFiniteLoss) as info:
         loop.train(cfg, workdir)
+    # Every step before the bad one was finite, logged and checkpointed; the bad one was not saved.
+    logged = losses(workdir)
+    bad = max(logged) + 1
+    assert sorted(logged) == list(range(1, bad)) and all(np.isfinite(v) for v in logged.values())
+    assert bad <= cfg.total_steps
+    message = str(info.value)
+    reported_loss = message[len("loss became non-finite (") : message.find(")")]
+    assert not np.isfinite(float(reported_loss)), message
+    assert message == (
+        f"loss became non-finite ({reported_loss}) at step {bad}; stopped without saving it "
+        f"(last good checkpoint: step {bad - 1}). Lower optim.lr, enable optim.grad_clip, or use float32."
+    )
+    checkpoints = sorted(
+        int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()
+    )
+    assert checkpoints[-1] == bad - 1
     trainer = loop.Trainer(cfg, workdir)
     step, state, _ = trainer.checkpointer.restore(trainer.abstract_state())
     trainer.checkpointer.close()
-    assert f"step {step}" in str(info.value)
+    assert step == bad - 1
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 

@@ -7,17 +7,17 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import parity
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+from dit_jax.interop.diffusers_vae import convert_diffusers_vae, load_diffusers_vae
+from dit_jax.interop.torch_checkpoint import CheckpointFormatError
+from dit_jax.models.vae import VAEConfig
 
-from dit_jax.interop.diffusers_vae import convert_diffusers_vae, load_diffusers_vae  # noqa: E402
-from dit_jax.interop.torch_checkpoint import CheckpointFormatError  # noqa: E402
-from dit_jax.models.vae import VAEConfig  # noqa: E402
-
-ATOL = 1e-5
+torch = parity.optional("torch")
+diffusers = parity.optional("diffusers")
+safetensors_torch = parity.optional("safetensors.torch")
+needs_torch = parity.requires("torch", "diffusers", "safetensors.torch")
 
 CONFIGS = {
     "2_levels_groups8": dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8),
@@ -55,6 +55,19 @@ def _nchw(x: jax.Array) -> np.ndarray:
     return np.asarray(x).transpose(0, 3, 1, 2)
 
 
+def reference_runs(vae, x_NCHW: np.ndarray, z_NCHW: np.ndarray) -> tuple[dict, dict]:
+    """diffusers' encoder (mean, std of x) and decoder (of z), in float32 and from a float64 copy."""
+
+    def run(module, dtype):
+        with torch.no_grad():
+            dist = module.encode(torch.from_numpy(x_NCHW).to(dtype)).latent_dist
+            decoded = module.decode(torch.from_numpy(z_NCHW).to(dtype)).sample
+        return {"mean": dist.mean.numpy(), "std": dist.std.numpy(), "decode": decoded.numpy()}
+
+    return run(vae, torch.float32), run(parity.float64(vae), torch.float64)
+
+
+@needs_torch
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_encode_decode_match_diffusers(name: str, tmp_path) -> None:
     kw = CONFIGS[name]
@@ -64,22 +77,17 @@ def test_encode_decode_match_diffusers(name: str, tmp_path) -> None:
     assert vae.scaling_factor == pytest.approx(0.18215)
 
     x_NCHW = np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
-    with torch.no_grad():
-        dist = ref.encode(torch.from_numpy(x_NCHW)).latent_dist
-        z_NCHW = np.random.default_rng(1).standard_normal(dist.mean.shape).astype(np.float32)
-        out_NCHW = ref.decode(torch.from_numpy(z_NCHW)).sample.numpy()
+    num_levels = len(kw["block_out_channels"])
+    latent_shape = (2, ref.config.latent_channels, 16 >> (num_levels - 1), 16 >> (num_levels - 1))
+    z_NCHW = np.random.default_rng(1).standard_normal(latent_shape).astype(np.float32)
+    ref32, ref64 = reference_runs(ref, x_NCHW, z_NCHW)
     mean, std = jax.jit(lambda x: tuple(vae.encode(x)))(jnp.asarray(x_NCHW.transpose(0, 2, 3, 1)))
     out = jax.jit(vae.decode)(jnp.asarray(z_NCHW.transpose(0, 2, 3, 1)))
-
-    diffs = {
-        "mean": np.max(np.abs(_nchw(mean) - dist.mean.numpy())),
-        "std": np.max(np.abs(_nchw(std) - dist.std.numpy())),
-        "decode": np.max(np.abs(_nchw(out) - out_NCHW)),
-    }
-    print(name, diffs)
-    assert all(d <= ATOL for d in diffs.values()), diffs
+    ours = {"mean": _nchw(mean), "std": _nchw(std), "decode": _nchw(out)}
+    parity.assert_parity(name, ours, ref32, ref64)
 
 
+@needs_torch
 def test_single_file_and_legacy_attention_names(tmp_path) -> None:
     kw = CONFIGS["2_levels_groups8"]
     ref = _torch_vae(kw, seed=1)
@@ -95,12 +103,17 @@ def test_single_file_and_legacy_attention_names(tmp_path) -> None:
     vae = load_diffusers_vae(weights, config=config)
 
     z_NCHW = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
-    with torch.no_grad():
-        want = ref.decode(torch.from_numpy(z_NCHW)).sample.numpy()
+
+    def decode(module, dtype):
+        with torch.no_grad():
+            return module.decode(torch.from_numpy(z_NCHW).to(dtype)).sample.numpy()
+
+    ref32, ref64 = decode(ref, torch.float32), decode(parity.float64(ref), torch.float64)
     got = _nchw(vae.decode(jnp.asarray(z_NCHW.transpose(0, 2, 3, 1))))
-    assert np.max(np.abs(got - want)) <= ATOL
+    parity.assert_parity("single file decode", got, ref32, ref64)
 
 
+@needs_torch
 def test_missing_key_and_shape_mismatch_are_named(tmp_path) -> None:
     kw = CONFIGS["2_levels_groups8"]
     ref = _torch_vae(kw)

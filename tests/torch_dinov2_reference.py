@@ -101,7 +101,7 @@ def interpolate_pos_encoding(
     n = pos_embed.shape[1] - 1
     if n == w0 * h0 and w0 == h0:
         return pos_embed
-    pos_embed = pos_embed.float()
+    pos_embed = pos_embed.to(torch.promote_types(pos_embed.dtype, torch.float32))  # .float(): at least f32
     class_pos_embed, patch_pos_embed = pos_embed[:, 0], pos_embed[:, 1:]
     dim = pos_embed.shape[-1]
     m = int(math.sqrt(n))

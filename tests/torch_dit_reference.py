@@ -34,8 +34,10 @@ class TimestepEmbedder(nn.Module):
     @staticmethod
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
-        args = t[:, None].float() * freqs[None].to(t.device)
+        # DiT computes in float32 (t[:, None].float()); a float64 copy of the model, in float64.
+        dtype = torch.promote_types(t.dtype, torch.float32)
+        freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=dtype) / half)
+        args = t[:, None].to(dtype) * freqs[None].to(t.device)
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
