@@ -339,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     from dit_jax.data import DataError
     from dit_jax.eval import EvalError
     from dit_jax.interop import CheckpointFormatError
+    from dit_jax.parallel.distributed import DistributedError
     from dit_jax.parallel.targets import TargetError
     from dit_jax.plan import PlanError
     from dit_jax.train.checkpoint import CheckpointError
@@ -350,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         DataError,
         CheckpointError,
         CheckpointFormatError,
+        DistributedError,
         EvalError,
         NonFiniteLoss,
         RepaError,
