@@ -256,21 +256,34 @@ class Sampler:
         )
 
 
+# Names of dit_jax.parallel.rules.PRESETS (kept here so that configs validate without importing jax).
+MESH_RULES = ("ddp", "fsdp", "fsdp_tp", "fsdp_tp_cp", "fsdp_tp_ep", "fsdp_tp_cp_ep")
+
+
 @dataclasses.dataclass(frozen=True)
 class Mesh:
-    """Device mesh. -1 on one axis means "all remaining devices"."""
+    """Device mesh over the axes (data, fsdp, expert, context, tensor); -1 on one of them means "all
+    remaining devices". The batch is split over dcn_data × data × fsdp × expert, the token sequence
+    over context. dcn_data: data parallelism across TPU slices / groups of processes over the slow
+    network (the outer factor of the data axis; see dit_jax.parallel.mesh). rules: the weight-sharding
+    preset (dit_jax.parallel.rules.PRESETS)."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    context: int = 1
+    expert: int = 1
+    dcn_data: int = 1
     rules: str = "fsdp"
 
     def __post_init__(self):
-        sizes = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor}
+        sizes = {f"mesh.{a}": getattr(self, a) for a in ("data", "fsdp", "expert", "context", "tensor")}
         for key, value in sizes.items():
             _check(value == -1 or value >= 1, key, f"got {value}; use a positive size or -1")
-        _check(list(sizes.values()).count(-1) <= 1, "mesh.data", "at most one mesh axis may be -1")
-        _check_choice(self.rules, "mesh.rules", ("ddp", "fsdp", "fsdp_tp"))
+        auto = [key for key, value in sizes.items() if value == -1]
+        _check(len(auto) <= 1, auto[-1] if auto else "mesh", f"at most one mesh axis may be -1, got {auto}")
+        _check(self.dcn_data >= 1, "mesh.dcn_data", f"got {self.dcn_data}; use a positive size")
+        _check_choice(self.rules, "mesh.rules", MESH_RULES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ Masks live in `pallas_kernels.masks`; see /work/shared/KERNELS.md for the design
 """
 
 from pallas_kernels import masks
+from pallas_kernels.context import context_attention
 from pallas_kernels.dispatch import IMPLEMENTATIONS, attention, attention_with_lse
 from pallas_kernels.neighborhood import permute, unpermute
 from pallas_kernels.plan import BlockPlan, build_plan
@@ -18,6 +19,7 @@ __all__ = [
     "attention",
     "attention_with_lse",
     "build_plan",
+    "context_attention",
     "masks",
     "permute",
     "sharded_attention",

@@ -51,7 +51,7 @@ def test_cli_prints_table_then_json(cli_run):
     report = json.loads(lines[-1])
     assert JSON_KEYS <= set(report)
     assert report["target"] == "cpu:8" and report["num_devices"] == 8
-    assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert report["mesh"] == {"data": 1, "fsdp": 8, "expert": 1, "context": 1, "tensor": 1}
     assert report["device_memory_bytes"] is None and report["fits"] is None  # CPU: no device memory
     assert report["compile_s"] > 0 and isinstance(report["custom_calls"], list)
     assert any(line.startswith("total / device") and "no device memory" in line for line in lines)
@@ -133,7 +133,7 @@ def test_fsdp8_state_of_dit_xl2_is_split_eight_ways():
 def test_mesh_minus_one_takes_the_target_devices():
     cfg = load(TINY, "--config.mesh.data=-1", "--config.mesh.fsdp=2", "--config.batch_size=8")
     mesh = plan.check(cfg, targets.get("cpu:4"))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 1} and mesh.devices.size == 4
+    assert dict(mesh.shape) == dict(data=2, fsdp=2, expert=1, context=1, tensor=1) and mesh.devices.size == 4
 
 
 def test_cpu_target_creates_its_devices(tmp_path):
@@ -145,7 +145,8 @@ def test_cpu_target_creates_its_devices(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["num_devices"] == 2 and report["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
+    assert report["num_devices"] == 2
+    assert report["mesh"] == {"data": 2, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1}
 
 
 @pytest.mark.parametrize(

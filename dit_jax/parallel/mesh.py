@@ -1,46 +1,134 @@
-"""Device mesh from config, and shardings for parameters and batches."""
+"""Device mesh from config, and shardings for parameters and batches.
+
+The mesh axes are MESH_AXES = (data, fsdp, expert, context, tensor). `mesh.dcn_data` > 1 makes the
+`data` axis span the slow network (DCN) as MaxText's hybrid meshes do: the devices are split into
+`dcn_data` groups, each group gets its own (data, fsdp, expert, context, tensor) mesh over its fast
+links (ICI, NVLink), and the groups are stacked as the outer factor of `data` (its size is then
+mesh.dcn_data × mesh.data). The groups are, in order of preference:
+
+- TPU slices (devices with several `slice_index` values): one group per slice, so dcn_data must equal
+  the number of slices (`jax.experimental.mesh_utils.create_hybrid_device_mesh`);
+- processes (several `process_index` values, e.g. one per GPU node): dcn_data must divide the number
+  of processes, and each group holds process_count / dcn_data consecutive processes;
+- otherwise (one process, e.g. fake CPU devices): consecutive runs of devices, so dcn_data is just an
+  outer factor of the data axis.
+
+Only gradients (one all-reduce per step) cross the DCN; everything else stays within a group.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dit_jax import config as config_lib
-from dit_jax.parallel.rules import DATA_AXES, MESH_AXES, PRESETS, spec_for
+from dit_jax.parallel.rules import (
+    DATA_AXES,
+    MESH_AXES,
+    PRESETS,
+    ShardingError,
+    check_sufficiently_sharded,
+    spec_for,
+)
 
 
-def mesh_shape(cfg: config_lib.Mesh, num_devices: int) -> tuple[int, int, int]:
-    """Resolves -1 and checks that data × fsdp × tensor equals the number of devices."""
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
-    known = int(np.prod([s for s in sizes if s != -1]))
+def _ici_sizes(cfg: config_lib.Mesh) -> list[int]:
+    return [getattr(cfg, a) for a in MESH_AXES]
+
+
+def mesh_shape(cfg: config_lib.Mesh, num_devices: int) -> tuple[int, ...]:
+    """Sizes of MESH_AXES (`data` including the dcn_data factor): resolves -1 and checks that
+    dcn_data × data × fsdp × expert × context × tensor equals the number of devices."""
+    sizes = _ici_sizes(cfg)
+    known = cfg.dcn_data * math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
             raise config_lib.ConfigError(
-                f"config key 'mesh': the fixed mesh axes ({known} devices) do not divide the "
-                f"{num_devices} available devices"
+                f"config key 'mesh.{MESH_AXES[sizes.index(-1)]}': the fixed mesh axes ({known} devices, "
+                f"dcn_data included) do not divide the {num_devices} available devices"
             )
         sizes[sizes.index(-1)] = num_devices // known
-    if int(np.prod(sizes)) != num_devices:
+    total = cfg.dcn_data * math.prod(sizes)
+    if total != num_devices:
+        product = " × ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
         raise config_lib.ConfigError(
-            f"config key 'mesh': mesh data={sizes[0]} × fsdp={sizes[1]} × tensor={sizes[2]} needs "
-            f"{int(np.prod(sizes))} devices but {num_devices} are available; set one axis to -1 or "
-            "make the product equal the device count"
+            f"config key 'mesh': mesh dcn_data={cfg.dcn_data} × {product} needs {total} devices but "
+            f"{num_devices} are available; set one axis to -1 or make the product equal the device count"
         )
+    sizes[0] *= cfg.dcn_data
     return tuple(sizes)
 
 
-def make_mesh(cfg: config_lib.Mesh, devices=None) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axis types: shardings come from jit's in/out
-    shardings and `constrain`, and XLA propagates the rest."""
-    devices = jax.devices() if devices is None else devices
+def _granules(devices) -> tuple[str, list[list]]:
+    """Devices grouped by TPU slice if there are several, else by process: (kind, groups)."""
+    for attr, kind in (("slice_index", "slices"), ("process_index", "processes")):
+        keys = {getattr(d, attr, None) for d in devices}
+        if len(keys) > 1 and None not in keys:
+            groups: dict = {}
+            for d in devices:
+                groups.setdefault(getattr(d, attr), []).append(d)
+            return kind, [groups[k] for k in sorted(groups)]
+    return "devices", [list(devices)]
+
+
+def _ici_grid(shape: tuple[int, ...], devices, *, strict: bool) -> np.ndarray:
+    """`devices` arranged as `shape` over their fast links, topology-aware on TPU as `jax.make_mesh`;
+    unless `strict`, a plain reshape where that fails (a DCN group that is not a whole slice)."""
+    kinds = (getattr(mesh_utils, "_TPU_V5_LITE", None), getattr(mesh_utils, "_TPU_V5E", None))
+    try:
+        return mesh_utils.create_device_mesh(
+            shape, devices, allow_split_physical_axes=devices[0].device_kind in kinds
+        )
+    except (ValueError, NotImplementedError, AssertionError):
+        if strict:
+            raise
+        return np.asarray(devices, dtype=object).reshape(shape)
+
+
+def device_grid(cfg: config_lib.Mesh, devices) -> np.ndarray:
+    """The devices as an array of shape `mesh_shape(cfg, len(devices))` (see the module docstring)."""
     shape = mesh_shape(cfg, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    kind, granules = _granules(devices)
+    dcn = cfg.dcn_data
+    if kind == "slices" and len(granules) != dcn:
+        raise config_lib.ConfigError(
+            f"config key 'mesh.dcn_data': the devices form {len(granules)} TPU slices; set mesh.dcn_data="
+            f"{len(granules)} (data parallelism across slices), got {dcn}"
+        )
+    if kind == "processes" and len(granules) % dcn:
+        raise config_lib.ConfigError(
+            f"config key 'mesh.dcn_data': {dcn} does not divide the {len(granules)} processes; use a "
+            "divisor of the process count"
+        )
+    if dcn == 1 and kind != "slices":  # one mesh over all devices, as jax.make_mesh builds it
+        return _ici_grid(shape, list(devices), strict=True)
+    ici = (shape[0] // dcn, *shape[1:])
+    if kind == "devices":
+        flat = granules[0]
+        size = len(flat) // dcn
+        groups = [flat[i * size : (i + 1) * size] for i in range(dcn)]
+    else:
+        per = len(granules) // dcn
+        groups = [sum(granules[i * per : (i + 1) * per], []) for i in range(dcn)]
+    return np.concatenate([_ici_grid(ici, g, strict=False) for g in groups], axis=0)
+
+
+def make_mesh(cfg: config_lib.Mesh, devices=None) -> jax.sharding.Mesh:
+    """A MESH_AXES mesh with Auto axis types: shardings come from jit's in/out shardings and
+    `constrain`, and XLA propagates the rest."""
+    devices = jax.devices() if devices is None else list(devices)
+    grid = device_grid(cfg, devices)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
-    return int(np.prod([mesh.shape[a] for a in DATA_AXES]))
+    return math.prod(mesh.shape.get(a, 1) for a in DATA_AXES)
 
 
 def check_batch(batch_size: int, mesh: jax.sharding.Mesh) -> None:
@@ -48,27 +136,40 @@ def check_batch(batch_size: int, mesh: jax.sharding.Mesh) -> None:
     if batch_size % n or batch_size % jax.process_count():
         raise config_lib.ConfigError(
             f"config key 'batch_size': {batch_size} is not divisible by the data-parallel size {n} "
-            f"(mesh.data × mesh.fsdp) and process count {jax.process_count()}; use a multiple of "
-            f"{int(np.lcm(n, jax.process_count()))}"
+            f"(mesh.dcn_data × mesh.data × mesh.fsdp × mesh.expert) and process count "
+            f"{jax.process_count()}; use a multiple of {int(np.lcm(n, jax.process_count()))}"
         )
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """Leading (batch) axis over every data-parallel mesh axis; works for any rank."""
-    return NamedSharding(mesh, P(DATA_AXES))
+    return NamedSharding(mesh, P(tuple(a for a in DATA_AXES if a in mesh.shape)))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def param_shardings(logical_tree, shapes_tree, mesh: jax.sharding.Mesh, rules_name: str):
-    """NamedShardings for a tree of parameters given their logical axes and shapes."""
+def param_specs(logical_tree, shapes_tree, mesh_shape: dict[str, int], rules_name: str):
+    """PartitionSpecs for a tree of parameters given their logical axes and shapes; needs only the
+    mesh's axis sizes, not its devices."""
     rules = PRESETS[rules_name]
-    shape = dict(mesh.shape)
     return jax.tree.map(
-        lambda axes, x: NamedSharding(mesh, spec_for(axes, x.shape, rules, shape)),
+        lambda axes, x: spec_for(axes, x.shape, rules, mesh_shape),
         logical_tree,
         shapes_tree,
         is_leaf=lambda a: a is None or isinstance(a, tuple),
     )
+
+
+def param_shardings(logical_tree, shapes_tree, mesh: jax.sharding.Mesh, rules_name: str):
+    """NamedShardings for a tree of parameters given their logical axes and shapes.
+
+    Logs a warning naming the large parameters the preset leaves replicated on this mesh
+    (rules.check_sufficiently_sharded; a test asserts it for the shipped models)."""
+    specs = param_specs(logical_tree, shapes_tree, dict(mesh.shape), rules_name)
+    try:
+        check_sufficiently_sharded(specs, shapes_tree, rules_name, dict(mesh.shape))
+    except ShardingError as e:
+        logging.warning("%s", e)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))

@@ -76,7 +76,7 @@ def xl_plan(request, tmp_path_factory):
 def test_compiles_with_the_kernel_in_every_block(xl_plan):
     target, devices, report, hlo = xl_plan
     assert report["target"] == target and report["num_devices"] == devices
-    assert report["mesh"] == {"data": 1, "fsdp": devices, "tensor": 1}
+    assert report["mesh"] == {"data": 1, "fsdp": devices, "expert": 1, "context": 1, "tensor": 1}
     kernel_calls = TARGETS[target][1] & set(report["custom_calls"])
     assert kernel_calls, f"no Pallas kernel call among {report['custom_calls']}: a fallback ran"
     calls = sum(hlo.count(f'custom_call_target="{name}"') for name in kernel_calls)
