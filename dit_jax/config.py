@@ -156,9 +156,11 @@ class Attention:
 
     impl: str = "auto"
     mask: str = "full"
+    context_impl: str = "ring"  # with mesh.context > 1: "ring" (K/V passed around) or "all_to_all"
 
     def __post_init__(self):
         _check_choice(self.impl, "attention.impl", ("auto", "xla", "dense", "chunked", "cudnn", "pallas"))
+        _check_choice(self.context_impl, "attention.context_impl", ("ring", "all_to_all"))
         self.window()
 
     def window(self) -> tuple[int, int] | None:
@@ -451,6 +453,19 @@ class Config:
             "attention.mask",
             f"window {window} is wider than the {grid}×{grid} patch grid needs (max {2 * grid - 1})",
         )
+        context = self.mesh.context
+        _check(
+            context < 2 or m.num_patches % context == 0,
+            "mesh.context",
+            f"the {m.num_patches} patch tokens do not split into {context} equal parts; choose a "
+            "mesh.context that divides the token count",
+        )
+        _check(
+            context < 2 or self.attention.context_impl != "all_to_all" or m.num_heads % context == 0,
+            "attention.context_impl",
+            f"all_to_all needs model.num_heads ({m.num_heads}) divisible by mesh.context ({context}); "
+            "use attention.context_impl=ring",
+        )
         for key in ("image_size", "num_classes"):
             _check(
                 getattr(m, key) == getattr(d, key),
@@ -523,6 +538,7 @@ RESUMABLE_KEYS = (
     "batch_size",  # the data stream continues at the same batch index, at the new size
     "mesh.*",  # checkpoints restore onto any mesh
     "attention.impl",
+    "attention.context_impl",
     "model.remat",
     "model.dtype",  # compute precision only: parameters stay in model.param_dtype
     "sampler.*",

@@ -1,5 +1,7 @@
 """Config conversion and validation: every error names its key."""
 
+import re
+
 import ml_collections
 import pytest
 
@@ -88,3 +90,20 @@ def test_retired_key_in_an_old_config_json_loads_and_resumes(tmp_path):
         apply_overrides({}, ["--config.stop_on_nonfinite=False"])
     with pytest.raises(config_lib.ConfigError, match="unknown config key 'model.stop_on_nonfinite'"):
         config_lib.from_dict({"model": {"stop_on_nonfinite": True}})
+
+
+@pytest.mark.parametrize(
+    "overrides, key, message",
+    [
+        (["--config.mesh.context=3"], "mesh.context", "16 patch tokens do not split into 3 equal parts"),
+        (
+            ["--config.mesh.context=8", "--config.attention.context_impl=all_to_all"],
+            "attention.context_impl",
+            "all_to_all needs model.num_heads (4) divisible by mesh.context (8)",
+        ),
+        (["--config.attention.context_impl=ulysses"], "attention.context_impl", "ulysses"),
+    ],
+)
+def test_context_parallel_config_errors_name_the_key(overrides, key, message):
+    with pytest.raises(config_lib.ConfigError, match=f"'{key}'.*{re.escape(message)}"):
+        config_lib.from_dict(apply_overrides(load_config_file("configs/quickstart.py"), overrides))

@@ -30,6 +30,7 @@ class SelfAttention(nnx.Module):
         impl: str,
         mask=None,
         qk_norm: str | None = None,
+        context_impl: str = "ring",
         rngs: nnx.Rngs,
         dtype,
         param_dtype,
@@ -38,6 +39,7 @@ class SelfAttention(nnx.Module):
             raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {qk_norm!r}")
         head_dim = hidden // num_heads
         self.impl = impl
+        self.context_impl = context_impl  # "ring" or "all_to_all" when a mesh splits the sequence
         self.mask = mask  # a static pallas_kernels.masks.Mask, or None for full attention
         self.dtype = dtype
         # Xavier-uniform over the fused [hidden, 3*hidden] matrix, exactly as nn.Linear(hidden, 3*hidden).
@@ -76,12 +78,12 @@ class SelfAttention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope_LK is not None:
             q, k = apply_rope(q, *rope_LK), apply_rope(k, *rope_LK)
-        out_BLHK = attend(q, k, v, mask=self.mask, implementation=self.impl)
+        out_BLHK = attend(q, k, v, mask=self.mask, implementation=self.impl, context_impl=self.context_impl)
         out = out_BLHK.reshape(b * length, -1) @ w_out.reshape(-1, w_out.shape[-1])
         return out.reshape(b, length, -1) + self.b_out[...].astype(dtype)
 
 
-def attend(q_BLHK, k_BLHK, v_BLHK, *, mask, implementation: str) -> jax.Array:
+def attend(q_BLHK, k_BLHK, v_BLHK, *, mask, implementation: str, context_impl: str = "ring") -> jax.Array:
     """`pallas_kernels.attention`, per device under `jax.shard_map` when a mesh is in context.
 
     Kernels are custom calls that XLA cannot partition (Mosaic refuses; Triton / cuDNN calls get
@@ -98,6 +100,12 @@ def attend(q_BLHK, k_BLHK, v_BLHK, *, mask, implementation: str) -> jax.Array:
     head_axes = spec_for(("act_heads",), (k_BLHK.shape[2],), ACTIVATION_RULES, shape)[0]
     if q_BLHK.shape[2] % k_BLHK.shape[2]:
         head_axes = None  # invalid grouping: let attention() report it
+    context = spec_for(("act_seq",), q_BLHK.shape[1:2], ACTIVATION_RULES, shape)[0]
+    if context is not None:  # the sequence is split over `context`: ring or all-to-all attention
+        return pallas_kernels.context_attention(
+            q_BLHK, k_BLHK, v_BLHK, mesh=mesh, context_axis=context, batch_axis=batch_axes,
+            head_axis=head_axes, mask=mask, implementation=implementation, method=context_impl,
+        )  # fmt: skip
     return pallas_kernels.sharded_attention(
         q_BLHK, k_BLHK, v_BLHK, mesh=mesh, batch_axis=batch_axes, head_axis=head_axes, mask=mask,
         implementation=implementation,

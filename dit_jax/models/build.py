@@ -41,7 +41,13 @@ def attention_mask(cfg: config_lib.Config) -> masks.Mask | None:
 
 def build_model(cfg: config_lib.Config, seed: int | None = None) -> DiT:
     seed = cfg.seed if seed is None else seed
-    return DiT(cfg.model, cfg.attention.impl, attention_mask(cfg), rngs=nnx.Rngs(params=seed))
+    return DiT(
+        cfg.model,
+        cfg.attention.impl,
+        attention_mask(cfg),
+        context_impl=cfg.attention.context_impl,
+        rngs=nnx.Rngs(params=seed),
+    )
 
 
 def model_spec(cfg: config_lib.Config) -> ModelSpec:

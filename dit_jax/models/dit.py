@@ -58,13 +58,22 @@ def _rms_norm_or_none(cfg: config_lib.Model) -> RMSNorm | None:
 class DiTBlock(nnx.Module):
     """adaLN-Zero transformer block: modulated attention and MLP, each with a learned gate."""
 
-    def __init__(self, cfg: config_lib.Model, attention_impl: str, attention_mask=None, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: config_lib.Model,
+        attention_impl: str,
+        attention_mask=None,
+        *,
+        context_impl: str = "ring",
+        rngs: nnx.Rngs,
+    ):
         kw = dict(rngs=rngs, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
         d = cfg.hidden_size
         qk_norm = cfg.norm if cfg.qk_norm else None
         self.attn = SelfAttention(
-            d, cfg.num_heads, impl=attention_impl, mask=attention_mask, qk_norm=qk_norm, **kw
-        )
+            d, cfg.num_heads, impl=attention_impl, mask=attention_mask, qk_norm=qk_norm,
+            context_impl=context_impl, **kw,
+        )  # fmt: skip
         mlp_cls = SwiGLU if cfg.mlp == "swiglu" else Mlp
         self.mlp = mlp_cls(d, cfg.mlp_hidden_size, **kw)
         self.adaln = dense(d, 6 * d, ("embed", "adaln"), kernel_init=zeros, **kw)
@@ -106,9 +115,17 @@ def _apply_block(block: DiTBlock, x_BLD: jax.Array, c_BD: jax.Array, rope_LK: Ro
 
 class DiT(nnx.Module):
     def __init__(
-        self, cfg: config_lib.Model, attention_impl: str = "auto", attention_mask=None, *, rngs: nnx.Rngs
+        self,
+        cfg: config_lib.Model,
+        attention_impl: str = "auto",
+        attention_mask=None,
+        *,
+        context_impl: str = "ring",
+        rngs: nnx.Rngs,
     ):
-        """`attention_mask`: a pallas_kernels.masks.Mask over the patch tokens (None = full)."""
+        """`attention_mask`: a pallas_kernels.masks.Mask over the patch tokens (None = full).
+        `context_impl`: how attention splits the sequence over a `context` mesh axis ("ring" or
+        "all_to_all"; see pallas_kernels.context_attention)."""
         self.cfg = cfg
         kw = dict(rngs=rngs, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
         d = cfg.hidden_size
@@ -120,7 +137,10 @@ class DiT(nnx.Module):
             else None
         )
         self.blocks = nnx.List(
-            [DiTBlock(cfg, attention_impl, attention_mask, rngs=rngs) for _ in range(cfg.depth)]
+            [
+                DiTBlock(cfg, attention_impl, attention_mask, context_impl=context_impl, rngs=rngs)
+                for _ in range(cfg.depth)
+            ]
         )
         self.final = FinalLayer(cfg, rngs=rngs)
         self.projector = (
