@@ -90,7 +90,9 @@ def attend(q_BLHK, k_BLHK, v_BLHK, *, mask, implementation: str, context_impl: s
     their inputs all-gathered to the full global batch). Attention needs no communication across
     batch or heads, so each device attends over its own slice: batch over the data-parallel axes
     and heads over `tensor` (as the activation rules shard them; a dimension they do not divide
-    stays whole). The same holds for the XLA implementations, so every one runs this way.
+    stays whole). The same holds for the XLA implementations, so every one runs this way. When the
+    rules split the sequence over `context` (mesh.context > 1), attention is context-parallel:
+    `pallas_kernels.context_attention` with `context_impl` ("ring" or "all_to_all").
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or mesh.manual_axes:
