@@ -40,7 +40,7 @@ from jax.sharding import Mesh, PartitionSpec
 from pallas_kernels import dispatch
 from pallas_kernels import masks as masks_lib
 from pallas_kernels import platform as platform_lib
-from pallas_kernels.sharding import AxisName, _axis_size
+from pallas_kernels.sharding import AxisName, axis_size
 
 METHODS = ("ring", "all_to_all")
 
@@ -232,9 +232,9 @@ def context_attention(
             f"sequence lengths ({seq_q}, {seq_kv}) must be divisible by the size of mesh axis "
             f"{context_axis!r} ({n}) for context parallelism"
         )
-    head_split = _axis_size(mesh, head_axis)
+    head_split = axis_size(mesh, head_axis)
     for what, count, axis, size in (
-        ("batch", batch, batch_axis, _axis_size(mesh, batch_axis)),
+        ("batch", batch, batch_axis, axis_size(mesh, batch_axis)),
         ("heads", heads, head_axis, head_split),
         ("kv heads", kv_heads, head_axis, head_split),
     ):

@@ -19,7 +19,7 @@ from pallas_kernels.dispatch import IMPLEMENTATIONS, resolved_attention, validat
 AxisName = str | tuple[str, ...] | None
 
 
-def _axis_size(mesh: Mesh, axis: AxisName) -> int:
+def axis_size(mesh: Mesh, axis: AxisName) -> int:
     if axis is None:
         return 1
     names = (axis,) if isinstance(axis, str) else axis
@@ -48,7 +48,7 @@ def sharded_attention(
         ("heads", heads, head_axis),
         ("kv heads", k.shape[2], head_axis),
     ):
-        size = _axis_size(mesh, axis)
+        size = axis_size(mesh, axis)
         if n % size:
             raise ValueError(f"{what} ({n}) must be divisible by the size of mesh axis {axis!r} ({size})")
     if implementation not in IMPLEMENTATIONS:

@@ -8,6 +8,7 @@ from, how a record becomes an element, and what to tell the user when the files 
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,7 +20,7 @@ _READ_ERRORS = (OSError, RuntimeError, ValueError)
 _OPEN_ERRORS = (*_READ_ERRORS, KeyError)
 
 
-class ArrayRecordSource:
+class ArrayRecordSource(abc.ABC):
     """Random access to `length` records of `split`; pickles without the open reader and reopens lazily."""
 
     def __init__(self, split: str, length: int):
@@ -27,21 +28,21 @@ class ArrayRecordSource:
         self._length = length
         self._records = None
 
+    @abc.abstractmethod
     def _builder(self) -> tfds.core.DatasetBuilder:
         """The prepared TFDS builder whose split this source reads."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _convert(self, record: dict) -> dict[str, np.ndarray]:
         """One decoded record -> the element the source yields."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _open_failed(self, err: Exception) -> str:
         """The DataError message when the split cannot be opened."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _read_failed(self, err: Exception) -> str:
         """The DataError message when records cannot be read (missing or corrupt files)."""
-        raise NotImplementedError
 
     def __len__(self) -> int:
         return self._length

@@ -22,6 +22,7 @@ import os
 import re
 
 import jax
+import numpy as np
 
 GiB = 2**30
 
@@ -73,7 +74,7 @@ class Target:
         try:
             grid = mesh_utils.create_device_mesh(shape, devices=list(self.devices))
         except (ValueError, NotImplementedError, AssertionError):
-            grid = __import__("numpy").asarray(self.devices, dtype=object).reshape(shape)
+            grid = np.asarray(self.devices, dtype=object).reshape(shape)
         return jax.sharding.Mesh(grid, axis_names)
 
 
