@@ -126,7 +126,7 @@ def train_row(dry_run: bool) -> dict:
     try:
         batch, report = largest_batch(config, target, candidates, overrides)
     except RuntimeError:  # not even the smallest batch: recompute activations in the backward pass
-        overrides.append("--config.model.remat=True")
+        overrides.append("--config.model.remat=full")
         batch, report = largest_batch(config, target, candidates, overrides)
     steps, rounds, warmup = ("3", "1", "1") if dry_run else ("10", "3", "3")
     args = ["--config", config, "--batch_size", str(batch), "--steps", steps, "--rounds", rounds,

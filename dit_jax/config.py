@@ -12,6 +12,7 @@ import typing
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "save_dots", "offload")
 
 # DiT variant table (Peebles & Xie, Table 1): name -> (depth, hidden_size, num_heads).
 DIT_VARIANTS = {
@@ -64,7 +65,27 @@ class Model:
     learn_sigma: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    # Blocks: scan_blocks stores the blocks' parameters stacked (a leading "layers" axis) and applies
+    #   them with one lax.scan, so that compile time does not grow with depth; None = on for
+    #   depth >= 8. With MoE every k-th block, a scan step is a group of k blocks. Weights in the
+    #   per-block layout (published checkpoints, older runs) convert on load (models.layout).
+    # remat: what the backward pass keeps of each block's forward: "none" (everything), "full"
+    #   (only the block inputs; recompute the rest), "save_dots" (also the matmul outputs),
+    #   "offload" (matmul outputs moved to host memory; backends with a pinned_host memory).
+    scan_blocks: bool | None = None
+    remat: str = "none"
+    # Mixture of experts (DiT-MoE, models.moe): num_experts > 0 replaces the MLP of every
+    #   moe_every-th block (blocks k-1, 2k-1, ...) by experts_per_token-of-num_experts routed experts
+    #   plus shared_experts always-on experts; moe_capacity: expert capacity factor (0 = dropless);
+    #   the train loss adds moe_balance_weight x the load-balance loss and moe_z_loss_weight x the
+    #   router z-loss, averaged over MoE blocks.
+    num_experts: int = 0
+    experts_per_token: int = 2
+    shared_experts: int = 0
+    moe_every: int = 1
+    moe_capacity: float = 0.0
+    moe_balance_weight: float = 0.01
+    moe_z_loss_weight: float = 0.0
     # Conventions of other implementations, for loading their weights exactly:
     # timestep_freq_shift: sinusoid frequencies exp(-ln(10^4) i / (half - shift)); 0 = DiT/ADM,
     #   1 = diffusers' DiTTransformer2DModel (Timesteps(downscale_freq_shift=1)).
@@ -130,6 +151,53 @@ class Model:
         )
         for key in ("repa_projector_dim", "repa_feature_dim"):
             _check(getattr(self, key) > 0, f"model.{key}", "must be positive")
+        _check_choice(self.remat, "model.remat", REMAT_POLICIES)
+        self._check_moe()
+        if self.scan_blocks:
+            p = self.block_period
+            _check(
+                self.depth % p == 0 and self.repa_depth % p == 0,
+                "model.scan_blocks",
+                f"scanning groups of {p} blocks (MoE every {p}) needs depth ({self.depth}) and "
+                f"repa_depth ({self.repa_depth}) divisible by {p}; set model.scan_blocks=False",
+            )
+
+    def _check_moe(self) -> None:
+        _check(self.num_experts >= 0, "model.num_experts", "must be >= 0 (0 = dense MLPs)")
+        if not self.num_experts:
+            return
+        _check(
+            1 <= self.experts_per_token <= self.num_experts,
+            "model.experts_per_token",
+            f"must be in [1, num_experts={self.num_experts}], got {self.experts_per_token}",
+        )
+        _check(self.shared_experts >= 0, "model.shared_experts", "must be >= 0")
+        _check(
+            1 <= self.moe_every <= self.depth,
+            "model.moe_every",
+            f"must be in [1, depth={self.depth}], got {self.moe_every}",
+        )
+        _check(self.moe_capacity >= 0, "model.moe_capacity", "must be >= 0 (0 = dropless)")
+        for key in ("moe_balance_weight", "moe_z_loss_weight"):
+            _check(getattr(self, key) >= 0, f"model.{key}", "must be >= 0")
+
+    def is_moe_block(self, i: int) -> bool:
+        """Whether block i (0-based) has experts: every moe_every-th block, the last of each group."""
+        return self.num_experts > 0 and (i + 1) % self.moe_every == 0
+
+    @property
+    def block_period(self) -> int:
+        """Blocks per scan step: the repeat length of the block pattern (moe_every with MoE, else 1)."""
+        return self.moe_every if self.num_experts else 1
+
+    @property
+    def scanned(self) -> bool:
+        """Whether the blocks are stacked and scanned (scan_blocks, or by default depth >= 8 where the
+        block pattern allows it)."""
+        if self.scan_blocks is not None:
+            return self.scan_blocks
+        p = self.block_period
+        return self.depth >= 8 and self.depth % p == 0 and self.repa_depth % p == 0
 
     @property
     def mlp_hidden_size(self) -> int:
@@ -466,6 +534,13 @@ class Config:
             f"all_to_all needs model.num_heads ({m.num_heads}) divisible by mesh.context ({context}); "
             "use attention.context_impl=ring",
         )
+        expert = self.mesh.expert
+        _check(
+            expert < 2 or m.num_experts % expert == 0,
+            "model.num_experts",
+            f"{m.num_experts} experts do not split over mesh.expert={expert} devices; choose a "
+            "number of experts divisible by mesh.expert (or mesh.expert=1)",
+        )
         for key in ("image_size", "num_classes"):
             _check(
                 getattr(m, key) == getattr(d, key),
@@ -498,8 +573,10 @@ def _build(cls: type, values: Any, prefix: str):
             continue
         if hint is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-            raise ConfigError(f"config key '{name}': expected {hint.__name__}, got {value!r}")
+        allowed = typing.get_args(hint) or (hint,)  # `bool | None` allows either
+        if not isinstance(value, allowed) or (hint is int and isinstance(value, bool)):
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+            raise ConfigError(f"config key '{name}': expected {names}, got {value!r}")
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -509,12 +586,25 @@ def _build(cls: type, values: Any, prefix: str):
 RETIRED_KEYS = ("stop_on_nonfinite",)  # a non-finite loss always stops training
 
 
+# Values of earlier versions with a new spelling: (group, key) -> {old value: new value}.
+# model.remat was a bool (True = recompute each block in the backward pass).
+RENAMED_VALUES = {("model", "remat"): {True: "full", False: "none"}}
+
+
 def from_dict(values: Any) -> Config:
-    """Converts a ConfigDict / nested dict into a validated `Config` (dropping RETIRED_KEYS)."""
+    """Converts a ConfigDict / nested dict into a validated `Config` (dropping RETIRED_KEYS and
+    translating RENAMED_VALUES)."""
     if hasattr(values, "to_dict"):
         values = values.to_dict()
     if hasattr(values, "items"):
         values = {k: v for k, v in values.items() if k not in RETIRED_KEYS}
+        for (group, key), renames in RENAMED_VALUES.items():
+            if not hasattr(values.get(group), "items") or key not in values[group]:
+                continue
+            old = values[group][key]
+            for before, after in renames.items():
+                if type(old) is type(before) and old == before:
+                    values[group] = {**values[group], key: after}
     return _build(Config, values, "")
 
 
@@ -540,6 +630,7 @@ RESUMABLE_KEYS = (
     "attention.impl",
     "attention.context_impl",
     "model.remat",
+    "model.scan_blocks",  # checkpoints convert between the per-block and the stacked layout
     "model.dtype",  # compute precision only: parameters stay in model.param_dtype
     "sampler.*",
     "eval.*",

@@ -7,6 +7,7 @@ its own timestep/label embedder; ours shares one, so the random copies are tied 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -24,7 +25,7 @@ from dit_jax.interop.diffusers_dit import (
     read_diffusers_dit,
 )
 from dit_jax.interop.torch_checkpoint import CheckpointFormatError
-from dit_jax.models import DiT
+from dit_jax.models import DiT, layout
 from dit_jax.models.layers import sincos_pos_embed_2d
 
 torch = parity.optional("torch")
@@ -119,12 +120,15 @@ def jax_out(model_or_params, x_BCHW: np.ndarray, y_B, cfg=None) -> np.ndarray:
 
 
 @needs_torch
+@pytest.mark.parametrize("scan", [False, True], ids=["per_block", "scanned"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_matches_diffusers_dit(name):
+def test_matches_diffusers_dit(name, scan):
     model = torch_dit(name)
     x_BCHW, y_B = inputs(model)
     ref32, ref64 = torch_out(model, x_BCHW, y_B)
     cfg, params = convert_diffusers_dit(model.state_dict(), dict(model.config))  # torch tensors accepted
+    cfg = dataclasses.replace(cfg, scan_blocks=scan)
+    params = layout.for_model(params, cfg)
     assert np.abs(ref64).mean() > 0.1  # not a comparison of near-zero outputs
     parity.assert_parity(name, jax_out(params, x_BCHW, y_B, cfg), ref32, ref64, multiple=MULTIPLE)
 

@@ -112,9 +112,10 @@ def assert_matches_torch(name: str, cfg: config_lib.Model, model: ref.DiT, y_B: 
 
 
 @needs_torch
+@pytest.mark.parametrize("scan", [False, True], ids=["per_block", "scanned"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_matches_official_dit(name):
-    cfg = model_config(**CONFIGS[name])
+def test_matches_official_dit(name, scan):
+    cfg = model_config(**CONFIGS[name], scan_blocks=scan)
     assert_matches_torch(name, cfg, torch_dit(cfg), Y_B)
 
 

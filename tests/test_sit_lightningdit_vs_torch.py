@@ -200,9 +200,10 @@ def reference_runs(model: torch.nn.Module, x_BCHW: np.ndarray) -> tuple:
 
 
 @needs_torch
+@pytest.mark.parametrize("scan", [False, True], ids=["per_block", "scanned"])
 @pytest.mark.parametrize("name", list(LIGHTNINGDIT_CONFIGS))
-def test_lightningdit_matches_reference(name):
-    cfg = model_config(**LIGHTNINGDIT_CONFIGS[name])
+def test_lightningdit_matches_reference(name, scan):
+    cfg = model_config(**LIGHTNINGDIT_CONFIGS[name], scan_blocks=scan)
     model = torch_lightningdit(cfg)
     x = inputs(cfg)
     ref32, ref64 = reference_runs(model, x)
@@ -212,9 +213,10 @@ def test_lightningdit_matches_reference(name):
 
 
 @needs_torch
+@pytest.mark.parametrize("scan", [False, True], ids=["per_block", "scanned"])
 @pytest.mark.parametrize("name", list(REPA_CONFIGS))
-def test_repa_output_and_projector_features_match_reference(name):
-    cfg = model_config(**REPA_CONFIGS[name], **REPA_WIDTHS)
+def test_repa_output_and_projector_features_match_reference(name, scan):
+    cfg = model_config(**REPA_CONFIGS[name], **REPA_WIDTHS, scan_blocks=scan)
     model = torch_repa(cfg)
     x = inputs(cfg)
     ref32, ref64 = reference_runs(model, x)
@@ -225,10 +227,11 @@ def test_repa_output_and_projector_features_match_reference(name):
 
 
 @needs_torch
-def test_sit_matches_reference():
+@pytest.mark.parametrize("scan", [False, True], ids=["per_block", "scanned"])
+def test_sit_matches_reference(scan):
     """SiT has DiT's architecture with learned sigma (its sampler keeps the first half)."""
     cfg = model_config(image_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4)
-    cfg = dataclasses.replace(cfg, learn_sigma=True)
+    cfg = dataclasses.replace(cfg, learn_sigma=True, scan_blocks=scan)
     model = randomize(
         dit_ref.DiT(
             input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10
@@ -289,7 +292,7 @@ def test_remat_bf16_and_logical_axes_with_all_options():
     graphdef, state = nnx.split(abstract)
     rng = np.random.default_rng(2)  # every parameter non-zero, so that all paths carry gradient
     params = jax.tree.map(lambda a: 0.05 * rng.standard_normal(a.shape, np.float32), nnx.to_pure_dict(state))
-    graphdef_r = nnx.split(abstract_model(dataclasses.replace(cfg, remat=True)))[0]
+    graphdef_r = nnx.split(abstract_model(dataclasses.replace(cfg, remat="full")))[0]
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
     t, y = jnp.array([0.1, 0.9]), jnp.array([0, 10])
 

@@ -111,6 +111,7 @@ def write_workdir(cfg: config_lib.Config, params: dict, workdir: str) -> None:
     """Writes config.json and a step-0 checkpoint (params = EMA = `params`, fresh optimizer), from
     which `dit-jax sample` / `eval` read the EMA and `dit-jax train` resumes (fine-tuning)."""
     from dit_jax import workdir as workdir_lib
+    from dit_jax.models import layout
     from dit_jax.models.build import model_spec
     from dit_jax.train import state as state_lib
     from dit_jax.train.checkpoint import Checkpointer
@@ -119,6 +120,7 @@ def write_workdir(cfg: config_lib.Config, params: dict, workdir: str) -> None:
     if os.path.isdir(checkpoints) and os.listdir(checkpoints):
         raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new, empty workdir")
     spec, tx = model_spec(cfg), state_lib.optimizer(cfg)
+    params = layout.for_model(params, cfg.model)  # converters give one subtree per block
     _check_tree(params, spec.abstract_params)
     dtypes = jax.tree.map(lambda a: a.dtype, spec.abstract_params)
     params = jax.tree.map(lambda p, d: np.asarray(p, d), params, dtypes)

@@ -49,6 +49,7 @@ from dit_jax import config as config_lib
 from dit_jax.interop.diffusers_vae import read_weights, resolve_weights
 from dit_jax.interop.layout import MAX_NAMED, Entry, describe_keys, set_path
 from dit_jax.interop.torch_checkpoint import CheckpointFormatError, to_numpy
+from dit_jax.models import layout
 from dit_jax.models.dit import DiT
 
 FREQ_DIM = 256  # CombinedTimestepLabelEmbeddings: Timesteps(num_channels=256)
@@ -303,7 +304,7 @@ def convert_diffusers_dit(
         # A single (null) label row, always looked up: a constant added to c, folded into the bias.
         null_row = params.pop("y_embedder")["table"][0]
         params["t_embedder"]["fc2"]["bias"] = params["t_embedder"]["fc2"]["bias"] + null_row
-    return cfg, params
+    return cfg, layout.for_model(params, cfg)
 
 
 def _resolve_folder(path: str | os.PathLike) -> str:

@@ -38,6 +38,7 @@ from dit_jax.interop.layout import (
     set_path,
 )
 from dit_jax.interop.torch_checkpoint import CheckpointFormatError, read_torch_checkpoint, to_numpy
+from dit_jax.models import layout
 from dit_jax.models.layers import rope_2d_tables, sincos_pos_embed_2d
 
 FREQ_DIM = 256  # TimestepEmbedder frequency_embedding_size (the same in both implementations)
@@ -227,7 +228,7 @@ def convert_dit_family(state_dict: Mapping[str, Any], cfg: config_lib.Model, fam
     if not cfg.num_classes:
         null_row = params.pop("y_embedder")["table"][0]
         params["t_embedder"]["fc2"]["bias"] = params["t_embedder"]["fc2"]["bias"] + null_row
-    return params
+    return layout.for_model(params, cfg)
 
 
 def convert_official_dit(state_dict: Mapping[str, Any], cfg: config_lib.Model) -> dict:

@@ -109,8 +109,35 @@ class FinalLayer(nnx.Module):
         return self.proj(modulate(h, shift, scale))
 
 
+# model.remat -> what jax.checkpoint keeps of a block's forward for the backward pass.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+
+
 def _apply_block(block: DiTBlock, x_BLD: jax.Array, c_BD: jax.Array, rope_LK: Rope) -> jax.Array:
     return block(x_BLD, c_BD, rope_LK)
+
+
+def _remat(fn, policy: str):
+    return fn if policy == "none" else jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
+
+
+def _stack_blocks(blocks: list[DiTBlock], period: int) -> nnx.List:
+    """Block modules whose parameters are those of `blocks` stacked, as models.layout.STACKED: entry
+    j holds blocks j, j + period, ... with a leading "layers" axis. Built from the per-block modules,
+    so a scanned model initialises exactly as the unscanned one of the same seed."""
+    groups = []
+    for j in range(period):
+        members = [nnx.split(b) for b in blocks[j::period]]
+        graphdef = members[0][0]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in members])
+        for var in jax.tree.leaves(stacked, is_leaf=lambda v: isinstance(v, nnx.Variable)):
+            var.set_metadata(logical_axes=("layers", *var.get_metadata()["logical_axes"]))
+        groups.append(nnx.merge(graphdef, stacked))
+    return nnx.List(groups)
 
 
 class DiT(nnx.Module):
@@ -136,12 +163,15 @@ class DiT(nnx.Module):
             if cfg.num_classes
             else None
         )
-        self.blocks = nnx.List(
-            [
-                DiTBlock(cfg, attention_impl, attention_mask, context_impl=context_impl, rngs=rngs)
-                for _ in range(cfg.depth)
-            ]
-        )
+        blocks = [
+            DiTBlock(cfg, attention_impl, attention_mask, context_impl=context_impl, rngs=rngs)
+            for _ in range(cfg.depth)
+        ]
+        # One layout or the other (see models.layout): per-block modules, or stacked and scanned.
+        if cfg.scanned:
+            self.block_stack = _stack_blocks(blocks, cfg.block_period)
+        else:
+            self.blocks = nnx.List(blocks)
         self.final = FinalLayer(cfg, rngs=rngs)
         self.projector = (
             Projector(d, cfg.repa_projector_dim, cfg.repa_feature_dim, **kw) if cfg.repa_depth else None
@@ -197,10 +227,36 @@ class DiT(nnx.Module):
         c = self.t_embedder(t_B)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y_B, drop_key).astype(c.dtype)
-        z_BLZ = None
-        for i, block in enumerate(self.blocks):
-            x = nnx.remat(_apply_block)(block, x, c, rope_LK) if cfg.remat else block(x, c, rope_LK)
-            if with_features and i + 1 == cfg.repa_depth:
-                z_BLZ = self.projector(x)
+        # REPA projects the hidden states after repa_depth blocks: run the blocks in two spans.
+        split = cfg.repa_depth if with_features else cfg.depth
+        x = self._run_blocks(x, c, rope_LK, 0, split)
+        z_BLZ = self.projector(x) if with_features else None
+        x = self._run_blocks(x, c, rope_LK, split, cfg.depth)
         x = self.final(x, c)
         return unpatchify(x, cfg.patch_size, cfg.out_channels, grid), z_BLZ
+
+    def _run_blocks(
+        self, x_BLD: jax.Array, c_BD: jax.Array, rope_LK: Rope, start: int, stop: int
+    ) -> jax.Array:
+        """Blocks [start, stop): one after the other, or as a lax.scan over the stacked groups."""
+        if start == stop:
+            return x_BLD
+        policy = self.cfg.remat
+        if not self.cfg.scanned:
+            for i in range(start, stop):
+                if policy == "none":
+                    x_BLD = self.blocks[i](x_BLD, c_BD, rope_LK)
+                else:
+                    remat = nnx.remat(_apply_block, policy=REMAT_POLICIES[policy])
+                    x_BLD = remat(self.blocks[i], x_BLD, c_BD, rope_LK)
+            return x_BLD
+        period = self.cfg.block_period
+        graphdefs, states = zip(*(nnx.split(group) for group in self.block_stack), strict=True)
+        span = jax.tree.map(lambda a: a[start // period : stop // period], list(states))
+
+        def group_step(x, group_states):
+            for graphdef, state in zip(graphdefs, group_states, strict=True):
+                x = nnx.merge(graphdef, state)(x, c_BD, rope_LK)
+            return x, None
+
+        return jax.lax.scan(_remat(group_step, policy), x_BLD, span)[0]

@@ -18,6 +18,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from dit_jax.models import layout
+
 log = logging.getLogger(__name__)
 
 
@@ -64,11 +66,14 @@ class Checkpointer:
         the unreadable newer checkpoints are then moved to `<directory>_unreadable/`, so that their
         steps can be saved again. Returns (step, state, data_state).
         """
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        def args(s: int):
+            target = self._in_stored_layout(abstract_state, s, lambda tree: tree)
+            return ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+
         s, restored, unreadable = self._first_readable(step, args)
         if set_aside_unreadable and unreadable:
             self._set_aside(unreadable)
-        return s, restored.state, restored.data
+        return s, _in_layout_of(restored.state, abstract_state), restored.data
 
     def restore_params(
         self, abstract_params: Any, *, ema: bool = True, step: int | None = None
@@ -76,16 +81,32 @@ class Checkpointer:
         """(step, params): only the EMA (or raw) parameters of the newest readable (or the given)
         checkpoint, onto the shardings in `abstract_params`; the optimizer state is never read."""
         which = "ema" if ema else "params"
-        item = {which: abstract_params}
-        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-        args = ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
-        )
+
+        def args(s: int):
+            item = {which: self._in_stored_layout(abstract_params, s, lambda tree: tree[which])}
+            restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+            return ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
+            )
+
         s, restored, _ = self._first_readable(step, args)
-        return s, restored.state[which]
+        return s, _in_layout_of(restored.state[which], abstract_params)
+
+    def _in_stored_layout(self, abstract: Any, step: int, part) -> Any:
+        """`abstract` with its blocks in the layout (models.layout) that checkpoint `step` stores for
+        `part(stored state tree)`: weights saved per block restore into a scanned model and back."""
+        try:
+            metadata = ocp.PyTreeCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+            stored = layout.is_stacked(part(metadata.item_metadata.tree))
+        except Exception:  # noqa: BLE001 - unreadable metadata: the restore itself reports it
+            return abstract
+        if stored is None or stored == layout.is_stacked(abstract):
+            return abstract
+        return layout.convert(abstract, stacked=stored, period=layout.period_of(abstract))
 
     def _first_readable(self, step: int | None, args) -> tuple[int, Any, list[int]]:
-        """(step, restored, newer unreadable steps) for the newest checkpoint (or `step`) that reads."""
+        """(step, restored, newer unreadable steps) for the newest checkpoint (or `step`) that reads;
+        `args(step)` gives the restore arguments for a step."""
         steps = self.steps()
         if not steps:
             raise CheckpointError(f"no checkpoints in {self.directory}; train first with `dit-jax train`")
@@ -95,7 +116,7 @@ class Checkpointer:
         errors = []
         for i, s in enumerate(candidates):
             try:
-                return s, self._manager.restore(s, args=args), candidates[:i]
+                return s, self._manager.restore(s, args=args(s)), candidates[:i]
             except Exception as e:  # noqa: BLE001 - sorted below: another tree, or unreadable
                 mismatch = _tree_mismatch(e)
                 if mismatch is not None:
@@ -135,6 +156,15 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _in_layout_of(tree: Any, abstract: Any) -> Any:
+    """Restored `tree` converted to the block layout of `abstract`, on its shardings."""
+    stacked = layout.is_stacked(abstract)
+    if stacked is None or layout.is_stacked(tree) == stacked:
+        return tree
+    converted = layout.convert(tree, stacked=stacked, period=layout.period_of(abstract))
+    return jax.device_put(converted, jax.tree.map(lambda a: a.sharding, abstract))
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
