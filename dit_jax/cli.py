@@ -241,6 +241,52 @@ def cmd_plan(args, overrides: list[str]) -> None:
         print(json.dumps(report.to_dict()))
 
 
+def cmd_scaling(args, overrides: list[str]) -> None:
+    """Scaling-law fit over training runs (dit_jax.scaling): frontier, a·C^(−b) + c, N_opt; plot + table."""
+    import json
+
+    from dit_jax import scaling
+    from dit_jax.config import ConfigError
+
+    if overrides:
+        raise ConfigError(f"unrecognised arguments: {' '.join(overrides)}; see `dit-jax scaling --help`")
+    for flag, value, ok, expected in (
+        ("--predict_flops", args.predict_flops, args.predict_flops is None or args.predict_flops > 0, "> 0"),
+        ("--min_flops", args.min_flops, args.min_flops >= 0, ">= 0"),
+        ("--smooth", args.smooth, args.smooth is None or 0 <= args.smooth < 1, "in [0, 1)"),
+        ("--num_bootstrap", args.num_bootstrap, args.num_bootstrap >= 10, ">= 10"),
+    ):
+        if not ok:
+            raise ConfigError(f"{flag}={value}: expected a value {expected}")
+    try:
+        curves, skipped = scaling.collect(args.runs, args.metric, args.smooth)
+        result = scaling.analyse(
+            curves,
+            args.metric,
+            skipped=skipped,
+            predict_flops=args.predict_flops,
+            min_flops=args.min_flops,
+            n_boot=args.num_bootstrap,
+            seed=args.seed,
+            smooth=scaling.default_smoothing(args.metric) if args.smooth is None else args.smooth,
+        )
+        output = args.output or scaling.default_output(curves)
+        try:
+            written = scaling.write_report(result, output)
+        except OSError as e:
+            raise scaling.ScalingError(f"cannot write the report into {output}: {e.strerror or e}") from None
+    except scaling.ScalingError as e:
+        raise ConfigError(str(e)) from None
+    print(scaling.markdown(result))
+    if skipped:
+        print(f"left out (no {args.metric} logged): {', '.join(skipped)}", file=sys.stderr)
+    if "png" not in written:
+        print("matplotlib is not installed: no plot written (pip install matplotlib)", file=sys.stderr)
+    print(f"wrote {', '.join(written.values())}")
+    if args.json:
+        print(json.dumps(result.to_dict()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dit-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -318,6 +364,28 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--target", required=True, help="cpu:8, tpu:v5p:2x2x1, gpu:h100:1x8, ...")
     plan.add_argument("--json", action="store_true", help="end with one JSON object")
     plan.add_argument("--dump_hlo", help="write the compiled HLO text to this file")
+    scaling = sub.add_parser(
+        "scaling", help="fit metric-vs-compute scaling laws over training runs: frontier, fit, plot, table"
+    )
+    scaling.add_argument(
+        "--runs", nargs="+", required=True, help="workdirs, or folders holding workdirs (e.g. a sweep root)"
+    )
+    scaling.add_argument(
+        "--metric", default="loss", help="a metrics.jsonl key: loss, eval/fd_classifier, ..."
+    )
+    scaling.add_argument("--json", action="store_true", help="end with one JSON object")
+    scaling.add_argument("--output", help="report folder (default: scaling/ in the folder holding the runs)")
+    scaling.add_argument(
+        "--predict_flops", type=float, help="predict the metric here (default: 10x the largest run)"
+    )
+    scaling.add_argument(
+        "--smooth",
+        type=float,
+        help="trailing mean over this fraction of compute (default 0.1 for loss, 0 for eval metrics)",
+    )
+    scaling.add_argument("--min_flops", type=float, default=0.0, help="fit only frontier points from here on")
+    scaling.add_argument("--num_bootstrap", type=int, default=200, help="bootstrap resamples")
+    scaling.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     return parser
 
 
@@ -375,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             "encode": cmd_encode,
             "convert": cmd_convert,
             "plan": cmd_plan,
+            "scaling": cmd_scaling,
         }
         commands[args.command](args, overrides)
     except user_errors as e:
