@@ -5,7 +5,7 @@
       --rounds=5 --torch_reference --json
 
 Prints human-readable lines and, last, one JSON object: `step_s` (median seconds per step),
-`img_per_s`, `tflops_per_s` (analytic model FLOPs, `dit_jax.plan.train_flops`), `mfu` (null where the
+`img_per_s`, `tflops_per_s` (analytic model FLOPs, `dit_jax.flops.train_flops`), `mfu` (null where the
 device peak is unknown, e.g. CPU), device, versions, config and batch. `--torch_reference` also
 times diffusers' `DiTTransformer2DModel` (eager, AdamW, MSE on eps) in the same process,
 alternating rounds of JAX and PyTorch steps so that both see the same machine load, and adds
@@ -37,29 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from dit_jax.plan import train_flops  # analytic model FLOPs, shared with `dit-jax plan`
-
-# Dense peak FLOP/s per device by (device-kind substring, compute dtype). f32 on GPUs is TF32.
-PEAK_FLOPS = {
-    ("H200", "bfloat16"): 989e12,
-    ("H200", "float32"): 494.7e12,
-    ("H100", "bfloat16"): 989e12,
-    ("H100", "float32"): 494.7e12,
-    ("A100", "bfloat16"): 312e12,
-    ("A100", "float32"): 156e12,
-    ("TPU v4", "bfloat16"): 275e12,
-    ("TPU v5 lite", "bfloat16"): 197e12,
-    ("TPU v5e", "bfloat16"): 197e12,
-    ("TPU v5p", "bfloat16"): 459e12,
-    ("TPU v6", "bfloat16"): 918e12,
-}
-
-
-def device_peak(device_kind: str, dtype: str) -> float | None:
-    for (kind, peak_dtype), peak in PEAK_FLOPS.items():
-        if kind.lower() in device_kind.lower() and peak_dtype == dtype:
-            return peak
-    return None
+from dit_jax.flops import device_peak, train_flops  # shared with `dit-jax plan` and the trainer
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -247,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(line) + ratio)
 
     step_s = statistics.median(times["jax"])
-    flops = train_flops(m, cfg.batch_size)
+    flops = train_flops(cfg)
     peak = device_peak(device.device_kind, m.dtype) if jax.default_backend() != "cpu" else None
     result: dict[str, Any] = {
         "step_s": step_s,

@@ -239,6 +239,18 @@ def cmd_plan(args, overrides: list[str]) -> None:
         print(f"no compiled HLO to write to {args.dump_hlo}: the compiler rejected the program")
     if args.json:
         print(json.dumps(report.to_dict()))
+    if report.fits is False:  # after the report: a launch script can test the exit code
+        over = (
+            f"needs {plan.size_text(report.total_bytes_per_device)} per device, "
+            f"{plan.size_text(report.total_bytes_per_device - report.device_memory_bytes)} more than "
+            f"{plan.size_text(report.device_memory_bytes)}"
+            if report.compile_error is None
+            else f"the compiler rejects it ({report.compile_error})"
+        )
+        raise plan.PlanError(
+            f"the train step does not fit {report.target}: {over}; per device: {plan.parts_line(report)}; "
+            "shard more (mesh.fsdp, mesh.rules), lower batch_size, or set model.remat"
+        )
 
 
 def cmd_scaling(args, overrides: list[str]) -> None:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dit_jax import config as config_lib
+from dit_jax import flops
 from dit_jax.parallel import mesh as mesh_lib
 from dit_jax.parallel.targets import Target
 from dit_jax.train import state as state_lib
@@ -50,7 +51,7 @@ class Plan:
     large (TPU), `fits` is False, the compiler's figures are None and `compile_error` says why.
     `flops_per_step` is the compiler's count for the whole step over all devices (None where
     cost analysis is unavailable, e.g. GPU); `model_flops_per_step` the analytic matmul count
-    (`train_flops`). `compile_s` is tracing, lowering and compiling; `lower_s` the first two.
+    (`flops.train_flops`). `compile_s` is tracing, lowering and compiling; `lower_s` the first two.
     `hlo` holds the compiled HLO text ("" when the compiler rejected the program).
     """
 
@@ -89,28 +90,6 @@ class Plan:
         del out["hlo"]
         out["custom_calls"], out["kernels"] = list(self.custom_calls), list(self.kernels)
         return out
-
-
-def forward_flops(model: config_lib.Model) -> float:
-    """Matmul FLOPs of one forward pass for one image (2 per multiply-add), dense attention.
-
-    L tokens, width D, depth N, MLP width M (two matmuls; SwiGLU: three of width M), patch features
-    P = p^2 C_in, output features P' = p^2 C_out, timestep frequencies F = 256:
-      per block: 2 L D 3D (qkv) + 4 L^2 D (scores, values) + 2 L D D (out) + MLP + 2 D 6D (adaLN)
-      once:      2 L P D (patches) + 2 (F D + D D) (timestep MLP) + 2 D 2D + 2 L D P' (final layer)
-    A masked attention is counted as dense; norms, softmax, activations and the optimizer are not.
-    """
-    tokens, d, m = model.num_patches, model.hidden_size, model.mlp_hidden_size
-    mlp = (3 if model.mlp == "swiglu" else 2) * 2 * tokens * d * m
-    block = 2 * tokens * d * 3 * d + 4 * tokens * tokens * d + 2 * tokens * d * d + mlp + 2 * d * 6 * d
-    patch_in, patch_out = model.patch_size**2 * model.in_channels, model.patch_size**2 * model.out_channels
-    once = 2 * tokens * patch_in * d + 2 * (256 * d + d * d) + 2 * d * 2 * d + 2 * tokens * d * patch_out
-    return float(model.depth * block + once)
-
-
-def train_flops(model: config_lib.Model, batch_size: int) -> float:
-    """FLOPs of one train step: forward + backward ≈ 3 × forward, times the global batch."""
-    return 3.0 * forward_flops(model) * batch_size
 
 
 def abstract_batch(
@@ -190,7 +169,8 @@ def _abstract_state(cfg: config_lib.Config, built: BuiltStep) -> state_lib.Train
     return jax.tree.map(to_struct, abstract, built.shardings)
 
 
-def _state_bytes(state: state_lib.TrainState) -> StateBytes:
+def state_bytes_of(state: state_lib.TrainState) -> StateBytes:
+    """Bytes of a train state of arrays or ShapeDtypeStructs that carry their shardings."""
     return StateBytes(
         num_params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))),
         params_per_device=shard_bytes(state.params),
@@ -203,7 +183,7 @@ def _state_bytes(state: state_lib.TrainState) -> StateBytes:
 
 def state_bytes(cfg: config_lib.Config, mesh: jax.sharding.Mesh) -> StateBytes:
     """Per-device and total bytes of the train state of `cfg` sharded over `mesh` (compiles nothing)."""
-    return _state_bytes(_abstract_state(cfg, build_train_step(cfg, mesh)))
+    return state_bytes_of(_abstract_state(cfg, build_train_step(cfg, mesh)))
 
 
 def plan(cfg: config_lib.Config, target: Target) -> Plan:
@@ -226,7 +206,7 @@ def plan(cfg: config_lib.Config, target: Target) -> Plan:
                 raise PlanError(f"the train step does not compile for {target.name}: {_first_line(e)}") from e
             compiled, error = None, _first_line(e)
     compile_s = time.perf_counter() - t0
-    memory = _memory(compiled)
+    memory = compiled_memory(compiled)
     device_memory = target.device_memory_bytes
     if error is not None:
         fits = False
@@ -235,7 +215,7 @@ def plan(cfg: config_lib.Config, target: Target) -> Plan:
     else:
         fits = memory["total"] <= device_memory
     hlo = compiled.as_text() if compiled is not None else ""
-    sizes = _state_bytes(state)
+    sizes = state_bytes_of(state)
     return Plan(
         target=target.name,
         platform=target.platform,
@@ -258,7 +238,7 @@ def plan(cfg: config_lib.Config, target: Target) -> Plan:
         device_memory_bytes=device_memory,
         fits=fits,
         flops_per_step=_flops(compiled, target.num_devices),
-        model_flops_per_step=train_flops(cfg.model, cfg.batch_size),
+        model_flops_per_step=flops.train_flops(cfg),
         custom_calls=custom_calls(hlo),
         kernels=kernel_names(hlo),
         lower_s=lower_s,
@@ -273,7 +253,8 @@ def _first_line(e: Exception) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def _memory(compiled) -> dict[str, int | None]:
+def compiled_memory(compiled) -> dict[str, int | None]:
+    """Per-device bytes of a compiled step: argument, output, alias, temp and their total."""
     stats = compiled.memory_analysis() if compiled is not None else None
     if stats is None:
         return dict.fromkeys(("argument", "output", "alias", "temp", "total"))
@@ -302,7 +283,8 @@ def _flops(compiled, num_devices: int) -> float | None:
     return float(cost["flops"]) * num_devices
 
 
-def _size(n: int | None) -> str:
+def size_text(n: int | None) -> str:
+    """Bytes as text in GiB / MiB / KiB."""
     if n is None:
         return "n/a"
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -315,10 +297,41 @@ def _fits_line(p: Plan) -> str:
     if p.compile_error is not None:
         return f"does NOT fit: the compiler rejects it ({p.compile_error})"
     if p.fits is None:
-        return f"{_size(p.total_bytes_per_device)} (CPU target: host memory, no device memory to compare)"
-    verdict = "fits" if p.fits else "does NOT fit"
+        return f"{size_text(p.total_bytes_per_device)} (CPU target: host memory, no device memory to compare)"
     share = p.total_bytes_per_device / p.device_memory_bytes
-    return f"{_size(p.total_bytes_per_device)} of {_size(p.device_memory_bytes)} ({share:.1%}): {verdict}"
+    line = f"{size_text(p.total_bytes_per_device)} of {size_text(p.device_memory_bytes)} ({share:.1%}): "
+    if p.fits:
+        return line + "fits"
+    return (
+        line
+        + f"does NOT fit, {size_text(p.total_bytes_per_device - p.device_memory_bytes)} over: "
+        + parts_line(p)
+    )
+
+
+def parts_line(p: Plan) -> str:
+    """Per-device bytes by part, largest first: what to shrink when a job does not fit."""
+    parts = {
+        "params": p.params_bytes_per_device,
+        "EMA": p.ema_bytes_per_device,
+        "optimizer state": p.opt_state_bytes_per_device,
+        "temporaries": p.temp_bytes_per_device or 0,
+        "batch": p.batch_bytes_per_device,
+    }
+    return ", ".join(f"{k} {size_text(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+
+
+def memory_line(sizes: StateBytes, memory: dict[str, int | None], device_memory: int | None) -> str:
+    """One line of per-device memory: the train state by part, temporaries, total (of the device's)."""
+    total = memory["total"]
+    line = (
+        f"state {size_text(sizes.per_device)} (params {size_text(sizes.params_per_device)}, EMA "
+        f"{size_text(sizes.ema_per_device)}, optimizer {size_text(sizes.opt_state_per_device)}), temporaries "
+        f"{size_text(memory['temp'])}, total {size_text(total)}"
+    )
+    if device_memory and total is not None:
+        line += f" of {size_text(device_memory)} ({total / device_memory:.1%})"
+    return line
 
 
 def format_table(p: Plan) -> str:
@@ -333,17 +346,20 @@ def format_table(p: Plan) -> str:
     rows = [
         ("target", f"{p.target}: {p.num_devices} × {p.device_kind}, mesh {mesh}"),
         ("model", f"{p.num_params / 1e6:.1f}M parameters, global batch {p.batch_size}"),
-        ("params / device", _size(p.params_bytes_per_device)),
-        ("EMA / device", _size(p.ema_bytes_per_device)),
-        ("optimizer / device", _size(p.opt_state_bytes_per_device)),
-        ("state / device", f"{_size(p.state_bytes_per_device)} (whole state {_size(p.state_bytes_total)})"),
-        ("batch / device", _size(p.batch_bytes_per_device)),
-        ("arguments / device", _size(p.argument_bytes_per_device)),
+        ("params / device", size_text(p.params_bytes_per_device)),
+        ("EMA / device", size_text(p.ema_bytes_per_device)),
+        ("optimizer / device", size_text(p.opt_state_bytes_per_device)),
+        (
+            "state / device",
+            f"{size_text(p.state_bytes_per_device)} (whole state {size_text(p.state_bytes_total)})",
+        ),
+        ("batch / device", size_text(p.batch_bytes_per_device)),
+        ("arguments / device", size_text(p.argument_bytes_per_device)),
         (
             "outputs / device",
-            f"{_size(p.output_bytes_per_device)} ({_size(p.alias_bytes_per_device)} aliased)",
+            f"{size_text(p.output_bytes_per_device)} ({size_text(p.alias_bytes_per_device)} aliased)",
         ),
-        ("temporaries / device", _size(p.temp_bytes_per_device)),
+        ("temporaries / device", size_text(p.temp_bytes_per_device)),
         ("total / device", _fits_line(p)),
         ("FLOPs / step", f"compiler {compiler}; analytic {p.model_flops_per_step:.4g} (3 × forward matmuls)"),
         ("custom calls", ", ".join(p.custom_calls) or "none"),

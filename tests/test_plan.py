@@ -2,6 +2,7 @@
 FSDP state of DiT-XL/2, and bad input (one line, exit code 2). TPU / GPU targets: tests/aot."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -12,7 +13,7 @@ import jax
 import pytest
 
 from dit_jax import config as config_lib
-from dit_jax import plan
+from dit_jax import flops, plan
 from dit_jax.cli import main
 from dit_jax.config_files import apply_overrides, load_config_file
 from dit_jax.parallel import targets
@@ -112,9 +113,11 @@ def test_kernel_calls_are_read_from_the_hlo():
 
 def test_analytic_flops_of_dit_xl2():
     """DiT-XL/2: 118.6 GFLOPs per forward in the paper's table (multiply-adds), 2 FLOPs each here."""
-    model = load(XL).model
-    assert plan.forward_flops(model) == pytest.approx(2 * 118.6e9, rel=0.005)
-    assert plan.train_flops(model, 256) == 3 * 256 * plan.forward_flops(model)
+    cfg = load(XL)
+    assert flops.dit_forward_flops(cfg) == pytest.approx(2 * 118.6e9, rel=0.005)
+    assert flops.train_flops(dataclasses.replace(cfg, batch_size=256)) == 3 * 256 * flops.dit_forward_flops(
+        cfg
+    )
 
 
 def test_fsdp8_state_of_dit_xl2_is_split_eight_ways():

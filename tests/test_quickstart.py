@@ -1,6 +1,6 @@
 """The quickstart's promise: `make quickstart` learns real digits.
 
-Trains configs/quickstart.py exactly as `make quickstart` does (the CLI in a fresh process, on
+Trains configs/quickstart.py (and its mixture-of-experts version, `:moe`) exactly as `make quickstart` does (the CLI in a fresh process, on
 the machine's real devices, full length), samples 500 images, and checks them with a classifier
 trained here on the real digits: >= 90% must be labelled as the class they were conditioned on,
 and they must not be copies of training images.
@@ -32,11 +32,13 @@ def nearest_distances(queries: np.ndarray, references: np.ndarray) -> np.ndarray
     return np.sqrt(np.maximum(d2.min(axis=1), 0))
 
 
-def test_quickstart_samples_are_recognisable_new_digits(tmp_path, data_dir):
+@pytest.mark.parametrize("arg", ["", ":moe"], ids=["dense", "moe"])
+def test_quickstart_samples_are_recognisable_new_digits(arg, tmp_path, data_dir):
+    """The dense quickstart, and its DiT-MoE version (configs/quickstart.py:moe), at full length."""
     workdir = str(tmp_path / "quickstart")
     dit_jax(
         "train",
-        "--config=configs/quickstart.py",
+        f"--config=configs/quickstart.py{arg}",
         f"--workdir={workdir}",
         f"--config.data.data_dir='{data_dir}'",
     )

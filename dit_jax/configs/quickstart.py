@@ -6,7 +6,8 @@ Trains in a few minutes on a 2-core CPU:
   dit-jax sample --workdir=runs/quickstart --num_samples=500 --output=runs/quickstart/samples.npz \
       --grid=runs/quickstart/samples.png
 
-`make quickstart` runs both. Arg "smoke" shrinks it to seconds (used by tests and the notebook).
+`make quickstart` runs both. Arg "smoke" shrinks it to seconds (used by tests and the notebook);
+"moe" makes every second block a DiT-MoE layer (4 experts, 2 per token; models.moe), same schedule.
 """
 
 import ml_collections
@@ -52,6 +53,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.model.hidden_size = 32
         c.model.depth = 2
         c.sampler.num_steps = 4
+    elif arg == "moe":
+        c.model.update(num_experts=4, experts_per_token=2, moe_every=2, moe_balance_weight=0.01)
     elif arg:
-        raise ValueError(f"unknown quickstart arg {arg!r}; use '' or 'smoke'")
+        raise ValueError(f"unknown quickstart arg {arg!r}; use '', 'smoke' or 'moe'")
     return ml_collections.ConfigDict(c)

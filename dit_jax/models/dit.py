@@ -38,10 +38,12 @@ from dit_jax.models.layers import (
     unpatchify,
     zeros,
 )
+from dit_jax.models.moe import MoE
 from dit_jax.parallel.rules import constrain
 
 ACT_BLD = ("act_batch", "act_seq", "act_embed")
 Rope = tuple[jax.Array, jax.Array] | None
+Aux = dict[str, jax.Array]
 
 
 def dtype_of(name: str):
@@ -65,8 +67,10 @@ class DiTBlock(nnx.Module):
         attention_mask=None,
         *,
         context_impl: str = "ring",
+        moe: bool = False,
         rngs: nnx.Rngs,
     ):
+        """`moe`: the MLP is a mixture of experts (models.moe, sized by cfg.num_experts etc.)."""
         kw = dict(rngs=rngs, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
         d = cfg.hidden_size
         qk_norm = cfg.norm if cfg.qk_norm else None
@@ -74,23 +78,31 @@ class DiTBlock(nnx.Module):
             d, cfg.num_heads, impl=attention_impl, mask=attention_mask, qk_norm=qk_norm,
             context_impl=context_impl, **kw,
         )  # fmt: skip
-        mlp_cls = SwiGLU if cfg.mlp == "swiglu" else Mlp
-        self.mlp = mlp_cls(d, cfg.mlp_hidden_size, **kw)
+        if moe:
+            self.mlp = MoE(
+                d, cfg.mlp_hidden_size, num_experts=cfg.num_experts, experts_per_token=cfg.experts_per_token,
+                shared_experts=cfg.shared_experts, capacity_factor=cfg.moe_capacity, mlp=cfg.mlp, **kw,
+            )  # fmt: skip
+        else:
+            self.mlp = (SwiGLU if cfg.mlp == "swiglu" else Mlp)(d, cfg.mlp_hidden_size, **kw)
+        self.moe = moe
         self.adaln = dense(d, 6 * d, ("embed", "adaln"), kernel_init=zeros, **kw)
         self.norm1 = _rms_norm_or_none(cfg)
         self.norm2 = _rms_norm_or_none(cfg)
         self.mlp_norm_eps = cfg.mlp_norm_eps
 
-    def __call__(self, x_BLD: jax.Array, c_BD: jax.Array, rope_LK: Rope = None) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, c_BD: jax.Array, rope_LK: Rope = None) -> tuple[jax.Array, Aux]:
+        """(output, aux): aux holds the MoE layer's statistics (models.moe), empty for a dense MLP."""
         mod = self.adaln(jax.nn.silu(c_BD))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         h = self.norm1(x_BLD) if self.norm1 is not None else layer_norm(x_BLD)
         h = self.attn(modulate(h, shift_msa, scale_msa), rope_LK)
         x_BLD = x_BLD + gate_msa[:, None, :] * h
         h = self.norm2(x_BLD) if self.norm2 is not None else layer_norm(x_BLD, self.mlp_norm_eps)
-        h = self.mlp(modulate(h, shift_mlp, scale_mlp))
+        h, aux = self.mlp(modulate(h, shift_mlp, scale_mlp)) if self.moe else (
+            self.mlp(modulate(h, shift_mlp, scale_mlp)), {})  # fmt: skip
         x_BLD = x_BLD + gate_mlp[:, None, :] * h
-        return cpu_fusion_barrier(constrain(x_BLD, ACT_BLD))
+        return cpu_fusion_barrier(constrain(x_BLD, ACT_BLD)), aux
 
 
 class FinalLayer(nnx.Module):
@@ -117,8 +129,16 @@ REMAT_POLICIES = {
 }
 
 
-def _apply_block(block: DiTBlock, x_BLD: jax.Array, c_BD: jax.Array, rope_LK: Rope) -> jax.Array:
+def _apply_block(block: DiTBlock, x_BLD: jax.Array, c_BD: jax.Array, rope_LK: Rope) -> tuple[jax.Array, Aux]:
     return block(x_BLD, c_BD, rope_LK)
+
+
+def _mean_over_blocks(spans: list[Aux]) -> Aux:
+    """The MoE statistics of block spans (each leaf with a leading block axis), averaged over blocks."""
+    spans = [a for a in spans if a]
+    if not spans:
+        return {}
+    return jax.tree.map(lambda *xs: jnp.mean(jnp.concatenate(xs), axis=0), *spans)
 
 
 def _remat(fn, policy: str):
@@ -164,8 +184,15 @@ class DiT(nnx.Module):
             else None
         )
         blocks = [
-            DiTBlock(cfg, attention_impl, attention_mask, context_impl=context_impl, rngs=rngs)
-            for _ in range(cfg.depth)
+            DiTBlock(
+                cfg,
+                attention_impl,
+                attention_mask,
+                context_impl=context_impl,
+                moe=cfg.is_moe_block(i),
+                rngs=rngs,
+            )
+            for i in range(cfg.depth)
         ]
         # One layout or the other (see models.layout): per-block modules, or stacked and scanned.
         if cfg.scanned:
@@ -189,6 +216,21 @@ class DiT(nnx.Module):
         label dropout for classifier-free guidance training."""
         return self._forward(x_BHWC, t_B, y_B, drop_key, with_features=False)[0]
 
+    def forward_with_aux(
+        self,
+        x_BHWC: jax.Array,
+        t_B: jax.Array,
+        y_B: jax.Array | None = None,
+        *,
+        drop_key: jax.Array | None = None,
+        with_features: bool = False,
+    ) -> tuple[jax.Array, jax.Array | None, Aux]:
+        """(output, REPA features or None, aux): aux averages the MoE blocks' statistics
+        (balance_loss, z_loss, expert_load [E], dropped_fraction; see models.moe), {} when dense."""
+        if with_features and self.projector is None:
+            return self.forward_with_features(x_BHWC, t_B, y_B, drop_key=drop_key)  # raises
+        return self._forward(x_BHWC, t_B, y_B, drop_key, with_features=with_features)
+
     def forward_with_features(
         self,
         x_BHWC: jax.Array,
@@ -204,7 +246,7 @@ class DiT(nnx.Module):
                 "forward_with_features needs a REPA projector: set model.repa_depth > 0 "
                 "(the number of blocks whose output is projected)"
             )
-        return self._forward(x_BHWC, t_B, y_B, drop_key, with_features=True)
+        return self._forward(x_BHWC, t_B, y_B, drop_key, with_features=True)[:2]
 
     def _forward(
         self,
@@ -214,7 +256,7 @@ class DiT(nnx.Module):
         drop_key: jax.Array | None,
         *,
         with_features: bool,
-    ) -> tuple[jax.Array, jax.Array | None]:
+    ) -> tuple[jax.Array, jax.Array | None, Aux]:
         cfg = self.cfg
         dtype = dtype_of(cfg.dtype)
         grid = cfg.image_size // cfg.patch_size
@@ -229,34 +271,41 @@ class DiT(nnx.Module):
             c = c + self.y_embedder(y_B, drop_key).astype(c.dtype)
         # REPA projects the hidden states after repa_depth blocks: run the blocks in two spans.
         split = cfg.repa_depth if with_features else cfg.depth
-        x = self._run_blocks(x, c, rope_LK, 0, split)
+        x, aux_head = self._run_blocks(x, c, rope_LK, 0, split)
         z_BLZ = self.projector(x) if with_features else None
-        x = self._run_blocks(x, c, rope_LK, split, cfg.depth)
+        x, aux_tail = self._run_blocks(x, c, rope_LK, split, cfg.depth)
         x = self.final(x, c)
-        return unpatchify(x, cfg.patch_size, cfg.out_channels, grid), z_BLZ
+        aux = _mean_over_blocks([aux_head, aux_tail])
+        return unpatchify(x, cfg.patch_size, cfg.out_channels, grid), z_BLZ, aux
 
     def _run_blocks(
         self, x_BLD: jax.Array, c_BD: jax.Array, rope_LK: Rope, start: int, stop: int
-    ) -> jax.Array:
-        """Blocks [start, stop): one after the other, or as a lax.scan over the stacked groups."""
+    ) -> tuple[jax.Array, Aux]:
+        """Blocks [start, stop): one after the other, or as a lax.scan over the stacked groups.
+        Returns the output and the MoE blocks' statistics, each with a leading block axis."""
         if start == stop:
-            return x_BLD
+            return x_BLD, {}
         policy = self.cfg.remat
         if not self.cfg.scanned:
+            block = (
+                _apply_block if policy == "none" else nnx.remat(_apply_block, policy=REMAT_POLICIES[policy])
+            )
+            auxes = []
             for i in range(start, stop):
-                if policy == "none":
-                    x_BLD = self.blocks[i](x_BLD, c_BD, rope_LK)
-                else:
-                    remat = nnx.remat(_apply_block, policy=REMAT_POLICIES[policy])
-                    x_BLD = remat(self.blocks[i], x_BLD, c_BD, rope_LK)
-            return x_BLD
+                x_BLD, aux = block(self.blocks[i], x_BLD, c_BD, rope_LK)
+                auxes.append(aux)
+            auxes = [a for a in auxes if a]
+            return x_BLD, jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes else {}
         period = self.cfg.block_period
         graphdefs, states = zip(*(nnx.split(group) for group in self.block_stack), strict=True)
         span = jax.tree.map(lambda a: a[start // period : stop // period], list(states))
 
         def group_step(x, group_states):
+            auxes = []
             for graphdef, state in zip(graphdefs, group_states, strict=True):
-                x = nnx.merge(graphdef, state)(x, c_BD, rope_LK)
-            return x, None
+                x, aux = nnx.merge(graphdef, state)(x, c_BD, rope_LK)
+                auxes.append(aux)
+            return x, [a for a in auxes if a]  # at most one MoE block per group
 
-        return jax.lax.scan(_remat(group_step, policy), x_BLD, span)[0]
+        x_BLD, auxes = jax.lax.scan(_remat(group_step, policy), x_BLD, span)
+        return x_BLD, auxes[0] if auxes else {}

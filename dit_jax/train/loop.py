@@ -21,12 +21,12 @@ import numpy as np
 
 from dit_jax import config as config_lib
 from dit_jax import data as data_lib
-from dit_jax import grids, sampling
+from dit_jax import flops, grids, plan, sampling
 from dit_jax.parallel import mesh as mesh_lib
 from dit_jax.train import repa
 from dit_jax.train import state as state_lib
 from dit_jax.train.checkpoint import Checkpointer, abstract_with_shardings
-from dit_jax.train.metrics import MetricsWriter, Progress
+from dit_jax.train.metrics import MetricsWriter, Progress, last_record
 from dit_jax.train.step import build_train_step, global_batch
 from dit_jax.workdir import load_config, write_config
 
@@ -83,6 +83,8 @@ class Trainer:
         mesh_lib.check_batch(cfg.batch_size, self.mesh)
         encoder = repa.make_encoder(cfg) if cfg.repa.weight > 0 else None
         self.encoder_params = encoder.params if encoder is not None else None
+        self.encoder_flops = encoder.flops_per_image if encoder is not None else 0.0
+        self.flops_per_step = flops.train_flops(cfg, encoder_flops_per_image=self.encoder_flops)
         self.spec, self.tx, self.shardings, self.step_fn = build_train_step(cfg, self.mesh, encoder)
         self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
         self._best: Checkpointer | None = None
@@ -215,13 +217,14 @@ def train(
         )
         state = trainer.restore_or_init(data_iter)
         start = int(jax.device_get(state.step))
+        totals = _totals_at(workdir, start, trainer) if start else (0.0, 0)
         write_config(workdir, cfg)
         if start >= cfg.total_steps:
             log.info("already trained to step %d (total_steps=%d)", start, cfg.total_steps)
             return state
         writer = MetricsWriter(workdir, start=start)
         with jax.set_mesh(trainer.mesh):
-            state = _run(trainer, state, data_iter, start, writer)
+            state = _run(trainer, state, data_iter, start, writer, totals)
     except KeyboardInterrupt:
         trainer.checkpointer.wait()  # a save in flight completes and counts
         raise Interrupted(trainer.checkpointer.latest_step()) from None
@@ -232,16 +235,38 @@ def train(
     return state
 
 
+def _totals_at(workdir: str, start: int, trainer: Trainer) -> tuple[float, int]:
+    """(training FLOPs, images seen) up to step `start` of the run being resumed: the last logged
+    totals at or before `start`, plus the steps after them at the resumed run's own batch size
+    (workdir/config.json, read before it is rewritten), so that a batch_size changed on resume
+    keeps the totals exact."""
+    old = load_config(workdir) if os.path.exists(os.path.join(workdir, "config.json")) else trainer.cfg
+    per_step = flops.train_flops(old, encoder_flops_per_image=trainer.encoder_flops)
+    record = last_record(workdir, start, "flops")
+    if record is None or "images_seen" not in record:
+        return start * per_step, start * old.batch_size
+    gap = start - record["step"]
+    return record["flops"] + gap * per_step, record["images_seen"] + gap * old.batch_size
+
+
+def _device_memory() -> int | None:
+    """Memory of one local device (bytes_limit of its memory stats); None where not reported (CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
 def _every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
-def _run(trainer: Trainer, state, data_iter, start: int, writer: MetricsWriter):
+def _run(trainer: Trainer, state, data_iter, start: int, writer: MetricsWriter, totals: tuple[float, int]):
     cfg, mesh = trainer.cfg, trainer.mesh
     first = global_batch(next(data_iter), mesh)
     t0 = time.perf_counter()
     compiled = trainer.step_fn.lower(state, first, trainer.encoder_params).compile()
     compile_s = time.perf_counter() - t0
+    memory, sizes = plan.compiled_memory(compiled), plan.state_bytes_of(state)
+    log.info("memory per device: %s", plan.memory_line(sizes, memory, _device_memory()))
     if start == 0:
         writer.write(
             0,
@@ -251,8 +276,16 @@ def _run(trainer: Trainer, state, data_iter, start: int, writer: MetricsWriter):
                 "mesh": dict(mesh.shape),
                 "num_params": count_params(state.params),
                 "compile_s": compile_s,
+                "state_bytes_per_device": sizes.per_device,
+                "temp_bytes_per_device": memory["temp"],
+                "flops_per_step": trainer.flops_per_step,
+                "flops": 0.0,
+                "images_seen": 0,
             },
         )
+    # Model FLOP/s per device and MFU (where the device's peak for the compute dtype is known).
+    peak = flops.device_peak(jax.devices()[0].device_kind, cfg.model.dtype)
+    base_flops, base_images = totals
     progress = Progress(start, cfg.total_steps)
     pending: list[tuple[int, dict]] = []
     window = {"t": time.perf_counter(), "steps": 0}
@@ -269,12 +302,22 @@ def _run(trainer: Trainer, state, data_iter, start: int, writer: MetricsWriter):
                     "Lower optim.lr, enable optim.grad_clip, or use float32."
                 )
             window["steps"] += 1
-            elapsed = time.perf_counter() - window["t"]
-            img_per_s = window["steps"] * cfg.batch_size / max(elapsed, 1e-9)
+            elapsed = max(time.perf_counter() - window["t"], 1e-9)
+            img_per_s = window["steps"] * cfg.batch_size / elapsed
             progress.update(step, loss=float(m["loss"]), img_per_s=img_per_s)
             if _every(step, cfg.log_every) or step == cfg.total_steps:
                 logged = {k: v for k, v in m.items() if k != "nonfinite"}  # loss, grad_norm, lr, ...
-                writer.write(step, {**logged, "img_per_s": img_per_s})
+                flops_per_s = window["steps"] * trainer.flops_per_step / elapsed / jax.device_count()
+                done = step - start
+                logged.update(
+                    img_per_s=img_per_s,
+                    tflops_per_s_per_device=flops_per_s / 1e12,
+                    flops=base_flops + done * trainer.flops_per_step,
+                    images_seen=base_images + done * cfg.batch_size,
+                )
+                if peak:
+                    logged["mfu"] = flops_per_s / peak
+                writer.write(step, logged)
                 window.update(t=time.perf_counter(), steps=0)
         pending.clear()
 

@@ -17,7 +17,10 @@ log = logging.getLogger(__name__)
 
 def _plain(value: Any) -> Any:
     if isinstance(value, np.ndarray | jax.Array | np.generic):
-        value = np.asarray(value).item()
+        value = np.asarray(value)
+        if value.ndim:  # e.g. moe/expert_load: a JSON list (TensorBoard takes scalars only)
+            return [_plain(v) for v in value.tolist()]
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep the file parseable
     return value
@@ -101,6 +104,20 @@ def rewind(workdir: str, start: int) -> None:
             start,
             len(records) - len(kept),
         )
+
+
+def last_record(workdir: str, step: int, key: str) -> dict | None:
+    """The last metrics.jsonl record at or before `step` that holds `key` (None if there is none)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    found = None
+    for line in _read_lines(path) if os.path.exists(path) else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a last line cut short by a kill
+            continue
+        if key in record and record.get("step", step + 1) <= step:
+            found = record
+    return found
 
 
 def _read_lines(path: str) -> list[str]:

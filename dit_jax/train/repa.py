@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from dit_jax import config as config_lib
+from dit_jax import flops
 from dit_jax.data import pixels
 from dit_jax.models import digits_classifier
 
@@ -44,6 +45,7 @@ class Encoder(NamedTuple):
     apply: Callable[[Any, jax.Array], jax.Array]
     params: Any
     feature_dim: int
+    flops_per_image: float  # analytic, one forward pass (dit_jax.flops)
 
 
 def alignment_loss(z_pred_BLZ: jax.Array, z_target_BLZ: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -80,7 +82,9 @@ def _digits_encoder(cfg: config_lib.Config, grid: int) -> Encoder:
         )
     spatial, params = proxy.load_or_train_classifier(cfg.data).spatial_encoder()
     apply = lambda params, images: pool_to_grid(spatial(params, pixels.as_model_space(images)), grid)
-    return Encoder(apply, params, 2 * digits_classifier.CLASSIFIER_WIDTH)
+    width = digits_classifier.CLASSIFIER_WIDTH
+    encoder_flops = flops.digits_encoder_flops(cfg.data.image_size, cfg.data.channels, width)
+    return Encoder(apply, params, 2 * width, encoder_flops)
 
 
 def _dinov2_encoder(cfg: config_lib.Config, grid: int) -> Encoder:
@@ -106,7 +110,7 @@ def _dinov2_encoder(cfg: config_lib.Config, grid: int) -> Encoder:
         patch_BLD = nnx.merge(graphdef, params)(preprocess(images, size)).patch_BLD
         return pool_to_grid(patch_BLD.reshape(patch_BLD.shape[0], side, side, -1), grid)
 
-    return Encoder(apply, params, module.cfg.embed_dim)
+    return Encoder(apply, params, module.cfg.embed_dim, flops.dinov2_forward_flops(module.cfg))
 
 
 def make_encoder(cfg: config_lib.Config) -> Encoder:

@@ -42,7 +42,9 @@ def train_step(
 
     With cfg.repa.weight > 0, `encoder_apply(encoder_params, images)` gives the target features
     of the clean images (repa.Encoder) and REPA's alignment loss is added (reported as
-    `repa_loss`; `loss` is the total).
+    `repa_loss`; `loss` is the total). With experts (model.num_experts > 0) the weighted load-balance
+    and router z-losses are added, and the MoE statistics reported as `moe/<name>`
+    (`moe/expert_load`: the fraction of routed assignments per expert, averaged over MoE blocks).
     A non-finite loss or gradient leaves the state unchanged and reports `nonfinite=1`; the loop
     stops on it, so a bad step never reaches a checkpoint.
     """
@@ -58,14 +60,20 @@ def train_step(
     def loss_fn(params):
         x_t, t, target = objective.sample(noise_key, x0)
         model = nnx.merge(spec.graphdef, params)
-        args = (x_t, objective.model_time(t), batch["y"])
-        if not use_repa:
-            return jnp.mean(objective.loss(model(*args, drop_key=drop_key), x0, x_t, t, target)), {}
-        out, z_BLZ = model.forward_with_features(*args, drop_key=drop_key)
-        z_target = encoder_apply(encoder_params, repa.clean_images(batch, x0))
-        repa_loss = jnp.mean(repa.alignment_loss(z_BLZ, z_target))
-        denoise = jnp.mean(objective.loss(out, x0, x_t, t, target))
-        return denoise + cfg.repa.weight * repa_loss, {"repa_loss": repa_loss}
+        out, z_BLZ, moe = model.forward_with_aux(
+            x_t, objective.model_time(t), batch["y"], drop_key=drop_key, with_features=use_repa
+        )
+        loss = jnp.mean(objective.loss(out, x0, x_t, t, target))
+        aux = {}
+        if use_repa:
+            z_target = encoder_apply(encoder_params, repa.clean_images(batch, x0))
+            aux["repa_loss"] = jnp.mean(repa.alignment_loss(z_BLZ, z_target))
+            loss = loss + cfg.repa.weight * aux["repa_loss"]
+        if moe:  # DiT-MoE: load balance and router z-loss, averaged over the MoE blocks
+            m = cfg.model
+            loss = loss + m.moe_balance_weight * moe["balance_loss"] + m.moe_z_loss_weight * moe["z_loss"]
+            aux.update({f"moe/{k}": v for k, v in moe.items()})
+        return loss, aux
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)

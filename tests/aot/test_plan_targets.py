@@ -28,12 +28,15 @@ TARGETS = {
 XL_DEPTH, XL_SEQ, XL_HEADS = 28, 256, 16  # DiT-XL/2 on 32x32 latents: 28 blocks, 256 tokens, 16 heads
 
 
-def run_plan(*args: str, timeout: int = 1800) -> dict:
-    """`python -m dit_jax plan ... --json` in a subprocess; its JSON line."""
+def run_plan(*args: str, timeout: int = 1800, returncode: int = 0, stderr: list | None = None) -> dict:
+    """`python -m dit_jax plan ... --json` in a subprocess; its JSON line (stderr's lines appended to
+    `stderr`). A plan that does not fit ends with exit code 2."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     cmd = [sys.executable, "-m", "dit_jax", "plan", "--json", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == returncode, f"{' '.join(cmd)}\n{proc.stderr[-3000:]}"
+    if stderr is not None:
+        stderr.extend(proc.stderr.strip().splitlines())
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -128,8 +131,10 @@ def test_the_parser_finds_a_full_batch_gather():
 
 def test_a_step_over_the_chip_memory_does_not_fit():
     """TPU v5e (16 GiB): one XL-wide block at 2048 images per chip; the TPU compiler itself refuses."""
-    report = run_plan(
-        "--target=tpu:v5e:2x2", *XL_ARGS, "--config.model.depth=1", "--config.batch_size=8192", timeout=600
-    )
+    stderr = []
+    args = ("--target=tpu:v5e:2x2", *XL_ARGS, "--config.model.depth=1", "--config.batch_size=8192")
+    report = run_plan(*args, timeout=600, returncode=2, stderr=stderr)
     assert report["fits"] is False and report["device_memory_bytes"] == 16 * 2**30
     assert "HBM" in report["compile_error"] and report["temp_bytes_per_device"] is None
+    assert stderr[-1].startswith("dit-jax plan: error: the train step does not fit tpu:v5e:2x2: the compiler")
+    assert "per device: " in stderr[-1] and "optimizer state" in stderr[-1]
