@@ -50,7 +50,8 @@ class Plan:
     memory; None on CPU targets (host memory). Where the compiler itself rejects the program as too
     large (TPU), `fits` is False, the compiler's figures are None and `compile_error` says why.
     `flops_per_step` is the compiler's count for the whole step over all devices (None where
-    cost analysis is unavailable, e.g. GPU); `model_flops_per_step` the analytic matmul count
+    cost analysis is unavailable, e.g. GPU; it counts a loop body once, so with scanned blocks it
+    covers one group of blocks); `model_flops_per_step` the analytic matmul count
     (`flops.train_flops`). `compile_s` is tracing, lowering and compiling; `lower_s` the first two.
     `hlo` holds the compiled HLO text ("" when the compiler rejected the program).
     """
@@ -361,7 +362,11 @@ def format_table(p: Plan) -> str:
         ),
         ("temporaries / device", size_text(p.temp_bytes_per_device)),
         ("total / device", _fits_line(p)),
-        ("FLOPs / step", f"compiler {compiler}; analytic {p.model_flops_per_step:.4g} (3 × forward matmuls)"),
+        (
+            "FLOPs / step",
+            f"compiler {compiler} (loop bodies once); "
+            f"analytic {p.model_flops_per_step:.4g} (3 × forward matmuls)",
+        ),
         ("custom calls", ", ".join(p.custom_calls) or "none"),
         ("kernels", ", ".join(p.kernels) or "none"),
         ("compile", f"{p.compile_s:.1f} s (tracing and lowering {p.lower_s:.1f} s)"),

@@ -231,3 +231,91 @@ def test_expert_parallel_matches_one_device(sizes, rules, mlp, shared, capacity_
     flat = jax.tree_util.tree_flatten_with_path(grads)[0]
     for (path, g), w in zip(flat, jax.tree.leaves(want_grads), strict=True):
         assert_close(g, w, "grad " + jax.tree_util.keystr(path))
+
+
+# --- the DiT with experts (model.num_experts): training, expert parallelism, scanning -------------
+
+
+def _losses(workdir: str) -> dict[int, dict]:
+    import json
+    import os
+
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f) if "loss" in r}
+
+
+def test_dit_moe_trains_expert_parallel_as_on_one_device(tiny_config, tmp_path):
+    """A DiT-MoE train run on data=2 x expert=4 (fsdp_tp_ep) equals the same run on one device:
+    losses, expert loads and parameters; the experts' weights are split over `expert`."""
+    from dit_jax.parallel import mesh as mesh_lib
+    from dit_jax.train import loop
+
+    moe = dict(depth=2, num_experts=4, experts_per_token=2, moe_every=2, shared_experts=1)
+    cfg = tiny_config(
+        total_steps=3,
+        checkpoint_every=0,
+        log_every=1,
+        model=moe,
+        mesh=dict(data=2, expert=4, rules="fsdp_tp_ep"),
+    )
+    single = mesh_lib.make_mesh(cfg.mesh.__class__(data=-1), devices=jax.devices()[:1])
+    state8 = loop.train(cfg, str(tmp_path / "ep4"))
+    state1 = loop.train(cfg, str(tmp_path / "one"), mesh=single)
+    a, b = _losses(str(tmp_path / "ep4")), _losses(str(tmp_path / "one"))
+    for step in (1, 2, 3):
+        np.testing.assert_allclose(a[step]["loss"], b[step]["loss"], rtol=2e-5)
+        np.testing.assert_allclose(a[step]["moe/expert_load"], b[step]["moe/expert_load"], atol=1e-6)
+        assert len(a[step]["moe/expert_load"]) == 4 and a[step]["moe/balance_loss"] >= 1.0 - 1e-6
+    for x, y in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+    w_in = state8.params["blocks"][1]["mlp"]["w_in"]  # [expert, embed, mlp]: block 1 has the experts
+    assert w_in.sharding.spec[0] == "expert" and w_in.addressable_shards[0].data.shape[0] == 1
+    assert "w_in" not in state8.params["blocks"][0]["mlp"]  # block 0 is dense
+
+
+def test_dit_moe_scanned_equals_per_block():
+    """MoE every 2nd block, scanned in groups of 2, equals the per-block model (values, gradients,
+    the averaged statistics)."""
+    import dataclasses
+
+    from dit_jax import config as config_lib
+    from dit_jax.models import layout
+    from dit_jax.models.dit import DiT
+
+    base = config_lib.Model(
+        image_size=8, in_channels=2, patch_size=2, hidden_size=32, depth=4, num_heads=4, num_classes=10,
+        num_experts=4, experts_per_token=2, moe_every=2,
+    )  # fmt: skip
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 2))
+    t, y = jnp.array([3.0, 500.0]), jnp.array([1, 10])
+    graphdef, state = nnx.split(DiT(dataclasses.replace(base, scan_blocks=False), "xla", rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: 0.1 * rng.standard_normal(a.shape, np.float32), nnx.to_pure_dict(state))
+
+    def run(cfg):
+        g = nnx.split(nnx.eval_shape(lambda: DiT(cfg, "xla", rngs=nnx.Rngs(0))))[0]
+
+        def loss(p):
+            out, _, aux = nnx.merge(g, p).forward_with_aux(x, t, y)
+            return jnp.sum(out**2) + aux["balance_loss"] + aux["z_loss"], aux
+
+        (value, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(layout.for_model(params, cfg))
+        return value, aux, layout.convert(grads, stacked=False)
+
+    want = run(dataclasses.replace(base, scan_blocks=False))
+    got = run(dataclasses.replace(base, scan_blocks=True))
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-6)
+    for key in ("balance_loss", "z_loss", "expert_load", "dropped_fraction"):
+        np.testing.assert_allclose(got[1][key], want[1][key], rtol=1e-6, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6 * float(np.abs(b).max()))
+
+
+def test_expert_count_not_divisible_by_mesh_expert_is_one_config_error():
+    from dit_jax import config as config_lib
+    from dit_jax.config_files import load
+
+    with pytest.raises(
+        config_lib.ConfigError, match=r"'model.num_experts': 6 experts do not split over mesh.expert=4"
+    ):
+        load("configs/quickstart.py:moe", ["--config.model.num_experts=6", "--config.mesh.expert=4"])

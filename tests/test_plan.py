@@ -177,3 +177,38 @@ def test_missing_aot_environment_says_make_install_aot(capsys, monkeypatch, targ
     monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError, as when absent
     code, err = run_main(capsys, f"--config={TINY}", f"--target={target}")
     assert code == 2 and len(err) == 1 and "make install-aot" in err[0], err
+
+
+SCALE_OUT = {
+    "context_ring": ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.context=2",
+                     "--config.mesh.rules=fsdp_tp_cp", "--config.attention.context_impl=ring"],
+    "moe_expert_parallel": ["--config.mesh.data=2", "--config.mesh.expert=4",
+                            "--config.mesh.rules=fsdp_tp_ep", "--config.model.num_experts=8",
+                            "--config.model.experts_per_token=2"],
+    "scan_remat_dcn": ["--config.mesh.dcn_data=2", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+                       "--config.model.scan_blocks=True", "--config.model.remat=save_dots"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(SCALE_OUT))
+def test_plan_covers_context_expert_scan_remat_and_multi_slice(name):
+    """Each scale-out option plans on cpu:8: the mesh it asks for, the analytic FLOPs of dit_jax.flops
+    (experts counted as active ones; the compiler's count adds recomputation and the optimizer)."""
+    cfg = load(TINY, "--config.batch_size=16", *SCALE_OUT[name])
+    report = plan.plan(cfg, targets.get("cpu:8"))
+    want = {"context_ring": {"data": 2, "fsdp": 2, "context": 2},
+            "moe_expert_parallel": {"data": 2, "expert": 4},
+            "scan_remat_dcn": {"data": 4, "fsdp": 2}}[name]  # fmt: skip
+    assert {k: v for k, v in report.mesh.items() if v > 1} == want
+    assert report.model_flops_per_step == flops.train_flops(cfg)
+    assert report.temp_bytes_per_device > 0 and report.compile_error is None
+    if not cfg.model.scanned:  # XLA's cost analysis counts a loop body once (scan: one group)
+        assert report.flops_per_step >= report.model_flops_per_step  # + recomputation, optimizer, ...
+
+
+def test_remat_shrinks_the_planned_temporaries():
+    sizes = {}
+    for remat in ("none", "full"):
+        cfg = load(TINY, *TINY_ARGS, "--config.model.depth=8", f"--config.model.remat={remat}")
+        sizes[remat] = plan.plan(cfg, targets.get("cpu:8")).temp_bytes_per_device
+    assert sizes["full"] < 0.7 * sizes["none"]

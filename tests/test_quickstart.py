@@ -1,9 +1,9 @@
 """The quickstart's promise: `make quickstart` learns real digits.
 
-Trains configs/quickstart.py (and its mixture-of-experts version, `:moe`) exactly as `make quickstart` does (the CLI in a fresh process, on
-the machine's real devices, full length), samples 500 images, and checks them with a classifier
-trained here on the real digits: >= 90% must be labelled as the class they were conditioned on,
-and they must not be copies of training images.
+Trains configs/quickstart.py (and its mixture-of-experts version, `:moe`) as `make quickstart`
+does (the CLI in a fresh process, on the machine's real devices, full length), samples 500
+images, and checks them with a classifier trained here on the real digits: >= 90% must be
+labelled as the class they were conditioned on, and they must not be copies of training images.
 """
 
 import os
