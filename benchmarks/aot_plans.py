@@ -6,7 +6,8 @@ in the ahead-of-time environment:
     JAX_PLATFORMS=cpu .venv-aot/bin/python benchmarks/aot_plans.py \
         --out=benchmarks/results/aot_plan_dit_xl2_<date>.json
 
-Defaults: DiT-XL/2, bf16 compute, `fsdp` preset over every device of the target, 2 images per
+Defaults: DiT-XL/2, bf16 compute, `fsdp` preset over every device of the target (`--expert=E`: mesh
+expert=E, fsdp = devices / E, preset `fsdp_tp_ep`; trailing `--config.*` overrides pass through), 2 images per
 device, `attention.impl=pallas`; targets v5e (2x2), v5p (2x2x1), v6e (2x2), H100 and H200 (1x8).
 """
 
@@ -40,14 +41,19 @@ def main() -> int:
     parser.add_argument("--targets", nargs="+", default=list(TARGETS))
     parser.add_argument("--per_device_batch", type=int, default=2)
     parser.add_argument("--attention", default="pallas")
+    parser.add_argument("--expert", type=int, default=1, help="mesh.expert (with the fsdp_tp_ep preset)")
     parser.add_argument("--out", required=True)
+    parser.add_argument("overrides", nargs="*", help="more --config.key=value overrides")
     args = parser.parse_args()
     rows = []
     for target in args.targets:
         n = devices(target)
-        overrides = ["--config.model.dtype=bfloat16", "--config.mesh.data=1", f"--config.mesh.fsdp={n}",
+        overrides = ["--config.model.dtype=bfloat16", "--config.mesh.data=1",
+                     f"--config.mesh.fsdp={n // args.expert}", f"--config.mesh.expert={args.expert}",
                      f"--config.batch_size={n * args.per_device_batch}",
-                     f"--config.attention.impl={args.attention}"]  # fmt: skip
+                     f"--config.attention.impl={args.attention}", *args.overrides]  # fmt: skip
+        if args.expert > 1:
+            overrides.append("--config.mesh.rules=fsdp_tp_ep")
         cmd = [
             sys.executable,
             "-m",
@@ -59,11 +65,11 @@ def main() -> int:
         ]
         cmd += overrides
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-        if proc.returncode:
-            row = dict(target=target, error=(proc.stderr or proc.stdout).strip().splitlines()[-1])
+        lines = proc.stdout.strip().splitlines()
+        if lines and lines[-1].startswith("{"):  # the report (also of a plan that does not fit: exit 2)
+            row = {k: json.loads(lines[-1]).get(k) for k in KEEP}
         else:
-            report = json.loads(proc.stdout.strip().splitlines()[-1])
-            row = {k: report.get(k) for k in KEEP}
+            row = dict(target=target, error=(proc.stderr or proc.stdout).strip().splitlines()[-1])
         row["command"] = " ".join(["dit-jax", *cmd[3:]])
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -71,7 +77,7 @@ def main() -> int:
         jax=jax.__version__, date=datetime.date.today().isoformat(), host="2-core CPU, deviceless AOT"
     )
     with open(args.out, "w") as f:
-        json.dump(meta | dict(config=args.config, plans=rows), f, indent=1)
+        json.dump(meta | dict(config=args.config, overrides=args.overrides, plans=rows), f, indent=1)
     return 0
 
 

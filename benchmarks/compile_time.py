@@ -13,14 +13,13 @@ device, XLA attention.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
 import subprocess
 import sys
 
-import jax
+from record import record
 
 
 def plan_once(config: str, target: str, scan: bool, extra: list[str]) -> dict:
@@ -54,16 +53,8 @@ def main() -> int:
     ratio = median["scanned"] / median["unrolled"]
     print(f"median compile: unrolled {median['unrolled']:.1f} s, scanned {median['scanned']:.1f} s, "
           f"scanned / unrolled = {ratio:.3f}")  # fmt: skip
-    result = {
-        "benchmark": "compile_time", "date": datetime.date.today().isoformat(), "jax": jax.__version__,
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "config": args.config,
-        "target": args.target, "overrides": extra, "cpu_count": os.cpu_count(), "runs": runs,
-        "median_compile_s": median, "scanned_over_unrolled": ratio,
-    }  # fmt: skip
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+    record("compile_time", args.out, config=args.config, target=args.target, overrides=extra, runs=runs,
+           median_compile_s=median, scanned_over_unrolled=ratio)  # fmt: skip
     return 0
 
 

@@ -241,10 +241,15 @@ def _attend_bwd(st, res, cotangents):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def attention(q, k, v, *, mask: Mask, scale: float, q_ids=None, kv_ids=None, block_q=None, block_kv=None):
-    """Blockwise attention; returns (out [B, Lq, H, Dv], lse [B, H, Lq] f32)."""
-    seq_q, seq_kv = q.shape[1], k.shape[1]
+def static(mask: Mask, scale: float, seq_q: int, seq_kv: int, block_q=None, block_kv=None) -> Static:
+    """The call description `attention` uses (default blocks fitted to the sequence lengths); with
+    `backward` it also serves callers that supply their own output and LSE (the context ring)."""
     block_q = block_q or min(DEFAULT_BLOCK, _round_up(seq_q, 8))
     block_kv = block_kv or min(DEFAULT_BLOCK, _round_up(seq_kv, 8))
-    st = Static(mask, float(scale), seq_q, seq_kv, int(block_q), int(block_kv))
+    return Static(mask, float(scale), seq_q, seq_kv, int(block_q), int(block_kv))
+
+
+def attention(q, k, v, *, mask: Mask, scale: float, q_ids=None, kv_ids=None, block_q=None, block_kv=None):
+    """Blockwise attention; returns (out [B, Lq, H, Dv], lse [B, H, Lq] f32)."""
+    st = static(mask, scale, q.shape[1], k.shape[1], block_q, block_kv)
     return _attend(q, k, v, q_ids, kv_ids, st)

@@ -17,9 +17,15 @@ and runs under `jax.shard_map`. Two methods:
   branch directly, and steps after the last useful one are dropped with their transfers. The steps
   run in a `fori_loop` (unrolled, XLA hoists every transfer: n shards live at once). Partial outputs
   are merged by their log-sum-exp in f32; rows that see no key output 0.
-  Per-device memory is O(L / n): scores exist only per pair, K/V one shard at a time in the forward.
-  Gradients are plain autodiff of the ring loop through the kernels' custom VJPs (the transpose of
-  a ppermute is the reverse ppermute), so the backward keeps every visiting KV shard as a residual.
+  The ring has its own `custom_vjp`: the residuals are the local q, k, v, output and LSE only, and
+  the backward is a second ring pass with the same schedule, switch table and skipped steps. K/V
+  travel again, now with f32 dK / dV accumulators; at each step the pair's flash-attention backward
+  (`_pair_backward`: the kernel the forward ran, fed the *global* output and LSE, so p = exp(s - lse)
+  is the pair's slice of the full softmax and ds = p (dp - δ), δ = rowsum(dO · O)) adds to dQ
+  locally and to the visiting dK / dV, which one last ppermute sends home. Per-device memory of
+  forward and backward is O(L / n): scores exist only per pair, K/V (and dK / dV) one shard at a
+  time plus the one in flight. (Plain autodiff of the loop kept every visiting K/V shard and partial
+  output as residuals: O(L).)
 - "all_to_all" (Ulysses): `lax.all_to_all` turns sequence-sharded Q/K/V into head-sharded full
   sequences (heads must divide by the context size; grouped KV heads too few to split are repeated),
   attention runs on local heads with the unshifted mask, and a second all_to_all restores the
@@ -37,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from pallas_kernels import dispatch
+from pallas_kernels import chunked, dispatch, reference
 from pallas_kernels import masks as masks_lib
 from pallas_kernels import platform as platform_lib
 from pallas_kernels.sharding import AxisName, axis_size
@@ -124,11 +130,80 @@ def _ring_implementation(implementation: str, q_shape, k_shape, dtype, mask) -> 
     return "pallas" if choice == "cudnn" else choice
 
 
+def _dense_pair_backward(mask, scale, q, k, v, q_ids, kv_ids, out, lse, dout, dlse):
+    """Flash-attention backward of one pair on dense f32 scores ("dense" / "xla" pairs, whose own
+    backward saves the pair's probabilities instead of taking an LSE): p = exp(s - lse) from the
+    given (global) LSE, ds = p (dp - δ), δ = rowsum(dout · out) - dlse. Returns f32 (dq, dk, dv)."""
+    b, seq_q, heads, _ = q.shape
+    seq_kv, kv_heads = k.shape[1], k.shape[2]
+    g = heads // kv_heads
+    hi = jax.lax.Precision.HIGHEST
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    qg, dog = (f32(reference.group_heads(x, kv_heads)) for x in (q, dout))  # [B, Lq, Hkv, G, D]
+    delta = jnp.einsum("bqhd,bqhd->bhq", f32(out), f32(dout)) - f32(dlse)
+    rows = lambda x: x.reshape(b, kv_heads, g, seq_q)[..., None]  # noqa: E731 - [B, H, Lq] -> [B, Hkv, G, Lq, 1]
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, f32(k), precision=hi) * scale
+    p = jnp.exp(s - rows(jnp.where(jnp.isfinite(lse), lse, 0.0)))
+    if not isinstance(mask, masks_lib.Full) or q_ids is not None:
+        p = jnp.where(reference.visible(mask, q_ids, kv_ids, seq_q, seq_kv)[:, None, None], p, 0.0)
+    dv = jnp.einsum("bhgqk,bqhgd->bkhd", p, dog, precision=hi)
+    dp = jnp.einsum("bqhgd,bkhd->bhgqk", dog, f32(v), precision=hi)
+    ds = p * (dp - rows(delta))
+    dq = jnp.einsum("bhgqk,bkhd->bqhgd", ds, f32(k), precision=hi).reshape(q.shape) * scale
+    dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, qg, precision=hi) * scale
+    return dq, dk, dv
+
+
+def _pair_backward(implementation: str, mask, scale: float, interpret, q, k, v, q_ids, kv_ids):
+    """The backward of one ring pair as fn(q, k, v, q_ids, kv_ids, out, lse, dout, dlse) -> (dq, dk,
+    dv): the flash-attention backward of the kernel the forward ran on that pair (`implementation`
+    as resolved by `dispatch.resolved_attention`), fed the *global* output and LSE of the local
+    queries, so its p = exp(s - lse) are the pair's slice of the full softmax and its dq / dk / dv
+    the pair's contributions to the full gradients (in the kernels' output dtypes; the ring sums
+    them in f32). `q`, `k`, `v` give shapes and dtypes only. "dense" / "xla" pairs use a dense
+    backward from the LSE, "chunked" its `backward`, the Pallas kernels `flash_backward` (with the
+    config the forward's dispatch would pick, Mosaic GPU's included)."""
+    seq_q, seq_kv, head_dim = q.shape[1], k.shape[1], q.shape[3]
+    has_seg = q_ids is not None
+    if implementation in ("xla", "dense"):
+        return functools.partial(_dense_pair_backward, mask, scale)
+    if implementation == "chunked":
+        st = chunked.static(mask, scale, seq_q, seq_kv)
+        return lambda q, k, v, q_ids, kv_ids, out, lse, dout, dlse: chunked.backward(
+            st, (q, k, v, q_ids, kv_ids, out, lse), dout, dlse
+        )
+    from pallas_kernels import pallas_attention
+
+    target = platform_lib.current()
+    cfg = None
+    if implementation == "pallas_mgpu" or (implementation == "pallas" and target.is_hopper and not interpret):
+        from pallas_kernels import pallas_mgpu
+
+        if pallas_mgpu.problem(q.shape, k.shape, q.dtype, mask, has_seg, target, interpret) is None:
+            # The Mosaic GPU forward's VJP is the Triton backward with this config.
+            cfg = pallas_mgpu.default_config(
+                mask, scale, seq_q, seq_kv, head_dim, q.dtype, bool(interpret), target
+            )
+    if cfg is None:
+        family = target.family if implementation == "pallas" else implementation.removeprefix("pallas_")
+        interp = target.interpret if interpret is None else interpret
+        cfg = pallas_attention.default_config(
+            family, mask, scale, seq_q, seq_kv, head_dim, q.dtype, interp, target
+        )
+
+    def backward(q, k, v, q_ids, kv_ids, out, lse, dout, dlse):
+        res = (q, k, v, q_ids, kv_ids, out, lse)
+        return pallas_attention.flash_backward(cfg, res, (dout, dlse))[:3]
+
+    return backward
+
+
 def _ring(q, k, v, q_ids, kv_ids, *, static, axis, n, scale, implementation, interpret):
-    """Per-device body of the ring (inside shard_map): local shards in, local (out, lse) out."""
+    """Per-device body of the ring (inside shard_map): local shards in, local (out, lse) out, with a
+    custom VJP whose backward is a second ring pass."""
     b, seq_q, heads, _ = q.shape
     seq_kv = k.shape[1]
-    me = jax.lax.axis_index(axis)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # Static: the pair mask of device i at step s (KV shard (i - s) mod n), deduplicated over all
     # steps and devices into switch branches; table[s, i] is the branch.
     pairs = [[pair_mask(static, i, (i - s) % n, seq_q, seq_kv) for i in range(n)] for s in range(n)]
@@ -136,12 +211,21 @@ def _ring(q, k, v, q_ids, kv_ids, *, static, axis, n, scale, implementation, int
     table = np.asarray([[unique.index(p) for p in row] for row in pairs], np.int32)
     busy = [s for s in range(n) if any(p is not None for p in pairs[s])]
     last = max(busy, default=-1)  # steps after the last useful one are dropped, transfers too
+    forward_shift = [(j, (j + 1) % n) for j in range(n)]
+
+    def dispatch_step(s, branches, *args):
+        """Runs step s's branch: directly when one branch serves every device, else a switch on
+        (s, this device)."""
+        if len(branches) == 1 or (isinstance(s, int) and (table[s] == table[s, 0]).all()):
+            return branches[table[s, 0] if isinstance(s, int) else 0](*args)
+        me = jax.lax.axis_index(axis)
+        return jax.lax.switch(jnp.asarray(table)[s, me], branches, *args)
 
     run = functools.partial(
         dispatch.resolved_attention, scale=scale, implementation=implementation, interpret=interpret
     )
 
-    def branch(mask):
+    def fwd_branch(mask):
         if mask is None:
 
             def skip(q, k, v, q_ids, kv_ids):
@@ -151,31 +235,86 @@ def _ring(q, k, v, q_ids, kv_ids, *, static, axis, n, scale, implementation, int
             return skip
         return lambda q, k, v, q_ids, kv_ids: run(q, k, v, mask, q_ids, kv_ids)
 
-    branches = [branch(m) for m in unique]
+    def bwd_branch(mask):
+        f32 = lambda xs: tuple(x.astype(jnp.float32) for x in xs)  # noqa: E731
+        if mask is None:
+            return lambda q, k, v, *_: f32((jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)))
+        pair = _pair_backward(implementation, mask, scale, interpret, q, k, v, q_ids, kv_ids)
+        return lambda *args: f32(pair(*args))
 
-    def step(s, out, lse, k, v, kv_ids):
-        if len(branches) == 1 or (isinstance(s, int) and (table[s] == table[s, 0]).all()):
-            out_s, lse_s = branches[table[s, 0] if isinstance(s, int) else 0](q, k, v, q_ids, kv_ids)
-        else:
-            out_s, lse_s = jax.lax.switch(jnp.asarray(table)[s, me], branches, q, k, v, q_ids, kv_ids)
-        return merge(out, lse, out_s, lse_s)
+    def forward(q, k, v, q_ids, kv_ids):
+        branches = [fwd_branch(m) for m in unique]
 
-    def body(s, carry):
-        out, lse, kv = carry
-        # Send the next shard before using this one: the transfer can overlap the compute.
-        nxt = jax.lax.ppermute(kv, axis, [(j, (j + 1) % n) for j in range(n)])
-        out, lse = step(s, out, lse, *kv)
-        return out, lse, nxt
+        def step(s, out, lse, k, v, kv_ids):
+            out_s, lse_s = dispatch_step(s, branches, q, k, v, q_ids, kv_ids)
+            return merge(out, lse, out_s, lse_s)
 
-    out = jnp.zeros((b, seq_q, heads, v.shape[-1]), jnp.float32)
-    lse = jnp.full((b, heads, seq_q), -jnp.inf, jnp.float32)
-    if last < 0:
+        def body(s, carry):
+            out, lse, kv = carry
+            # Send the next shard before using this one: the transfer can overlap the compute.
+            nxt = jax.lax.ppermute(kv, axis, forward_shift)
+            out, lse = step(s, out, lse, *kv)
+            return out, lse, nxt
+
+        if last < 0:
+            out = jnp.zeros((b, seq_q, heads, v.shape[-1]), q.dtype)
+            return out, jnp.full((b, heads, seq_q), -jnp.inf, jnp.float32)
+        # Step 0 (the device's own KV shard) starts the accumulators (no zero-filled init to merge).
+        nxt = jax.lax.ppermute((k, v, kv_ids), axis, forward_shift) if last > 0 else None
+        out, lse = dispatch_step(0, branches, q, k, v, q_ids, kv_ids)
+        out = out.astype(jnp.float32)
+        if last > 0:
+            # A loop, not an unrolled Python ring: unrolled, XLA hoists every transfer and loop
+            # buffer to the start (n KV shards live at once, O(L) memory); the loop keeps one
+            # shard in flight.
+            if last > 1:
+                out, lse, nxt = jax.lax.fori_loop(1, last, body, (out, lse, nxt))
+            out, lse = step(last, out, lse, *nxt)
         return out.astype(q.dtype), lse
-    # A loop, not an unrolled Python ring: unrolled, XLA hoists every transfer and loop buffer to
-    # the start (n KV shards live at once, O(L) memory); the loop keeps one shard in flight.
-    out, lse, kv = jax.lax.fori_loop(0, last, body, (out, lse, (k, v, kv_ids)))
-    out, lse = step(last, out, lse, *kv)
-    return out.astype(q.dtype), lse
+
+    def backward(res, cotangents):
+        q, k, v, q_ids, kv_ids, out, lse = res
+        dout, dlse = cotangents
+        if last < 0:
+            return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), None, None
+        branches = [bwd_branch(m) for m in unique]
+
+        def grads(s, k, v, kv_ids):
+            return dispatch_step(s, branches, q, k, v, q_ids, kv_ids, out, lse, dout, dlse)
+
+        def step(s, dq, dkv, k, v, kv_ids):
+            g_q, g_k, g_v = grads(s, k, v, kv_ids)
+            return dq + g_q, (dkv[0] + g_k, dkv[1] + g_v)
+
+        def body(s, carry):
+            dq, kv, dkv = carry
+            nxt = jax.lax.ppermute(kv, axis, forward_shift)  # before the compute, as in the forward
+            dq, dkv = step(s, dq, dkv, *kv)
+            # The accumulators travel with their K/V shard (after this step's contribution).
+            return dq, nxt, jax.lax.ppermute(dkv, axis, forward_shift)
+
+        # Step 0 (own KV shard) starts the f32 accumulators, as in the forward.
+        nxt = jax.lax.ppermute((k, v, kv_ids), axis, forward_shift) if last > 0 else None
+        dq, dk, dv = grads(0, k, v, kv_ids)
+        if last > 0:
+            dkv = jax.lax.ppermute((dk, dv), axis, forward_shift)
+            if last > 1:
+                dq, nxt, dkv = jax.lax.fori_loop(1, last, body, (dq, nxt, dkv))
+            dq, (dk, dv) = step(last, dq, dkv, *nxt)
+            # Device j now holds the gradients of KV shard (j - last) mod n: send them home.
+            dk, dv = jax.lax.ppermute((dk, dv), axis, [(j, (j - last) % n) for j in range(n)])
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+    @jax.custom_vjp
+    def ring(q, k, v, q_ids, kv_ids):
+        return forward(q, k, v, q_ids, kv_ids)
+
+    def ring_fwd(q, k, v, q_ids, kv_ids):
+        out, lse = forward(q, k, v, q_ids, kv_ids)
+        return (out, lse), (q, k, v, q_ids, kv_ids, out, lse)
+
+    ring.defvjp(ring_fwd, backward)
+    return ring(q, k, v, q_ids, kv_ids)
 
 
 def _ulysses(q, k, v, q_ids, kv_ids, *, static, axis, scale, implementation, interpret):

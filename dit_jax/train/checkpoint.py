@@ -66,6 +66,7 @@ class Checkpointer:
         the unreadable newer checkpoints are then moved to `<directory>_unreadable/`, so that their
         steps can be saved again. Returns (step, state, data_state).
         """
+
         def args(s: int):
             target = self._in_stored_layout(abstract_state, s, lambda tree: tree)
             return ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
