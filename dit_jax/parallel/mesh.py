@@ -37,6 +37,8 @@ from dit_jax.parallel.rules import (
     spec_for,
 )
 
+log = logging.getLogger(__name__)
+
 
 def _ici_sizes(cfg: config_lib.Mesh) -> list[int]:
     return [getattr(cfg, a) for a in MESH_AXES]
@@ -78,17 +80,29 @@ def _granules(devices) -> tuple[str, list[list]]:
 
 
 def _ici_grid(shape: tuple[int, ...], devices, *, strict: bool) -> np.ndarray:
-    """`devices` arranged as `shape` over their fast links, topology-aware on TPU as `jax.make_mesh`;
-    unless `strict`, a plain reshape where that fails (a DCN group that is not a whole slice)."""
+    """`devices` arranged as `shape` over their fast links, topology-aware on TPU as `jax.make_mesh`.
+    A mesh axis that is not a product of whole physical axes (8 on a 4x4x4 slice) splits one (logged:
+    its neighbours are then not all adjacent); where even that fails, a plain reshape unless `strict`
+    (a DCN group that is not a whole slice), else a ConfigError."""
     kinds = (getattr(mesh_utils, "_TPU_V5_LITE", None), getattr(mesh_utils, "_TPU_V5E", None))
-    try:
-        return mesh_utils.create_device_mesh(
-            shape, devices, allow_split_physical_axes=devices[0].device_kind in kinds
-        )
-    except (ValueError, NotImplementedError, AssertionError):
-        if strict:
-            raise
+    split = devices[0].device_kind in kinds
+    for allow_split in (True,) if split else (False, True):
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=allow_split)
+        except (ValueError, NotImplementedError, AssertionError) as e:
+            error = e
+            continue
+        if allow_split and not split:
+            log.warning("mesh %s splits a physical axis of the %s topology", shape, devices[0].device_kind)
+        return grid
+    if not strict:
         return np.asarray(devices, dtype=object).reshape(shape)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise config_lib.ConfigError(
+        f"config key 'mesh': the mesh {dict(zip(MESH_AXES, shape, strict=True))} cannot be laid over these "
+        f"{len(devices)} {devices[0].device_kind} devices ({first[:200]}); choose axis sizes that are "
+        "products of the slice's physical axes"
+    )
 
 
 def device_grid(cfg: config_lib.Mesh, devices) -> np.ndarray:
@@ -171,5 +185,5 @@ def param_shardings(logical_tree, shapes_tree, mesh: jax.sharding.Mesh, rules_na
     try:
         check_sufficiently_sharded(specs, shapes_tree, rules_name, dict(mesh.shape))
     except ShardingError as e:
-        logging.warning("%s", e)
+        log.warning("%s", e)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
