@@ -287,19 +287,20 @@ def collect(
 
 
 def frontier(curves: Sequence[RunCurve], min_flops: float = 0.0, bins_per_decade: int = 0) -> Frontier:
-    """The lower envelope of all points with flops >= min_flops: those below every point at less or
-    equal compute; with bins_per_decade > 0, the lowest of them per 1/bins_per_decade decade."""
+    """The lower envelope of all points (those below every point at less or equal compute), from
+    min_flops on; with bins_per_decade > 0, the lowest of them per 1/bins_per_decade decade."""
     flops = np.concatenate([c.flops for c in curves])
     values = np.concatenate([c.values for c in curves])
     run = np.concatenate([np.full(len(c.flops), i) for i, c in enumerate(curves)])
-    keep = flops >= min_flops
-    flops, values, run = flops[keep], values[keep], run[keep]
     on, best = [], np.inf
     for i in np.lexsort((values, flops)):
         if values[i] < best:
             on.append(i)
             best = values[i]
     on = np.array(on, dtype=np.int64)
+    # The envelope over all points, then cut: a point beaten by one with less compute is not on it,
+    # even when that one lies below min_flops.
+    on = on[flops[on] >= min_flops]
     if bins_per_decade > 0 and len(on):
         bins = np.floor(np.log10(flops[on]) * bins_per_decade)
         last = np.append(bins[1:] != bins[:-1], True)  # the last (lowest) point of each bin

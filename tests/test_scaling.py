@@ -101,6 +101,9 @@ def test_frontier_is_the_lower_envelope():
     assert f.run.tolist() == [0, 0, 0, 1]
     f = scaling.frontier(runs, min_flops=3)
     assert (f.flops.tolist(), f.values.tolist()) == ([4, 8], [5, 3])
+    # The cut comes after the envelope: (3, 7) is beaten by (2, 6), below min_flops, so it is not on it.
+    f = scaling.frontier([*runs, curve("c", 30, [3], [7])], min_flops=2.5)
+    assert (f.flops.tolist(), f.values.tolist()) == ([4, 8], [5, 3])
     # One point per decade: the lowest (last) of 1, 2, 4, 8.
     f = scaling.frontier(runs, bins_per_decade=1)
     assert (f.flops.tolist(), f.values.tolist()) == ([8], [3])
