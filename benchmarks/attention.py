@@ -40,6 +40,11 @@ DEFAULTS = {
 MASKS = ["full", "local1d", "neighborhood2d", "frametile", "blocksparse10", "blocksparse25", "blocksparse50"]
 
 
+def _digits(x: float, n: int = 4) -> float:
+    """`x` rounded to n significant digits."""
+    return float(f"{x:.{n}g}")
+
+
 def make_mask(name: str, seq: int) -> masks.Mask | None:
     """Named masks near typical densities (local1d / neighborhood2d ~10%, frametile ~20%)."""
     if name == "full":
@@ -100,10 +105,10 @@ def bench(impl, seq, heads, head_dim, dtype, mask_name, batch=1, iters=5) -> dic
     t_bwd = max(t_all - t_fwd, 1e-9)
     return row | dict(
         density=round(density, 4),
-        fwd_ms=round(t_fwd * 1e3, 3),
-        bwd_ms=round(t_bwd * 1e3, 3),
-        fwd_tflops=round(flops / t_fwd / 1e12, 3),
-        bwd_tflops=round(2.5 * flops / t_bwd / 1e12, 3),
+        fwd_ms=_digits(t_fwd * 1e3),
+        bwd_ms=_digits(t_bwd * 1e3),
+        fwd_tflops=_digits(flops / t_fwd / 1e12),  # 4 significant digits: CPU figures are tiny
+        bwd_tflops=_digits(2.5 * flops / t_bwd / 1e12),
     )
 
 
