@@ -112,6 +112,16 @@ class Model:
     repa_depth: int = 0
     repa_projector_dim: int = 2048
     repa_feature_dim: int = 768
+    # μP (models.mup; Yang et al., Tensor Programs V; Zheng et al., "Scaling Diffusion Transformers
+    #   Efficiently via μP"): parametrization "sp" (standard, DiT's) or "mup". Under "mup" the model is
+    #   parametrised relative to its base model, this config at hidden_size=mup_base_width (same
+    #   num_heads, so head_dim grows with width): hidden (matrix-like) weights get AdamW learning
+    #   rates x base/width and init std x sqrt(base/width), readouts (final projection, MoE router,
+    #   REPA projector input) an output multiplier base/width, attention logits sqrt(d_base) / d
+    #   instead of 1 / sqrt(d). At hidden_size == mup_base_width, "mup" is "sp"; tune there, then
+    #   scale hidden_size with the same optimizer settings.
+    parametrization: str = "sp"
+    mup_base_width: int = 128
 
     def __post_init__(self):
         for key in ("image_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
@@ -153,6 +163,7 @@ class Model:
             _check(getattr(self, key) > 0, f"model.{key}", "must be positive")
         _check_choice(self.remat, "model.remat", REMAT_POLICIES)
         self._check_moe()
+        self._check_mup()
         if self.scan_blocks:
             p = self.block_period
             _check(
@@ -180,6 +191,25 @@ class Model:
         _check(self.moe_capacity >= 0, "model.moe_capacity", "must be >= 0 (0 = dropless)")
         for key in ("moe_balance_weight", "moe_z_loss_weight"):
             _check(getattr(self, key) >= 0, f"model.{key}", "must be >= 0")
+
+    def _check_mup(self) -> None:
+        _check_choice(self.parametrization, "model.parametrization", ("sp", "mup"))
+        _check(self.mup_base_width > 0, "model.mup_base_width", "must be positive")
+        if self.parametrization != "mup" or self.mup_base_width == self.hidden_size:
+            return
+        base, heads = self.mup_base_width, self.num_heads
+        _check(
+            base % heads == 0,
+            "model.mup_base_width",
+            f"the μP base model (hidden_size={base}, num_heads={heads}) needs a base width divisible by "
+            f"num_heads, e.g. {heads * max(1, base // heads)}",
+        )
+        try:
+            dataclasses.replace(self, hidden_size=self.mup_base_width, parametrization="sp")
+        except ConfigError as e:
+            raise ConfigError(
+                f"config key 'model.mup_base_width': the μP base model is invalid: {e}"
+            ) from None
 
     def is_moe_block(self, i: int) -> bool:
         """Whether block i (0-based) has experts: every moe_every-th block, the last of each group."""

@@ -15,7 +15,7 @@ QK_NORMS = (None, "layernorm", "rmsnorm")
 
 class SelfAttention(nnx.Module):
     """q, k, v = x W_qkv + b; q, k normalised per head (qk_norm) and rotated (rope); softmax(q k^T /
-    sqrt(d)) v; out W_o + b_o.
+    sqrt(d)) v; out W_o + b_o. `scale` replaces 1/sqrt(d) on the logits (μP: models.mup).
 
     W_qkv is stored as [embed, 3, heads, head_dim] so that heads can be sharded over `tensor`.
     qk_norm: None, "layernorm" (affine, eps 1e-5: timm's, as REPA's SiT) or "rmsnorm" (with scale,
@@ -31,6 +31,7 @@ class SelfAttention(nnx.Module):
         mask=None,
         qk_norm: str | None = None,
         context_impl: str = "ring",
+        scale: float | None = None,
         rngs: nnx.Rngs,
         dtype,
         param_dtype,
@@ -41,6 +42,7 @@ class SelfAttention(nnx.Module):
         self.impl = impl
         self.context_impl = context_impl  # "ring" or "all_to_all" when a mesh splits the sequence
         self.mask = mask  # a static pallas_kernels.masks.Mask, or None for full attention
+        self.scale = scale  # logit scale; None = head_dim ** -0.5
         self.dtype = dtype
         # Xavier-uniform over the fused [hidden, 3*hidden] matrix, exactly as nn.Linear(hidden, 3*hidden).
         w_qkv = xavier_uniform(rngs.params(), (hidden, 3 * hidden), param_dtype)
@@ -78,13 +80,19 @@ class SelfAttention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope_LK is not None:
             q, k = apply_rope(q, *rope_LK), apply_rope(k, *rope_LK)
-        out_BLHK = attend(q, k, v, mask=self.mask, implementation=self.impl, context_impl=self.context_impl)
+        out_BLHK = attend(
+            q, k, v, mask=self.mask, implementation=self.impl, context_impl=self.context_impl,
+            scale=self.scale,
+        )  # fmt: skip
         out = out_BLHK.reshape(b * length, -1) @ w_out.reshape(-1, w_out.shape[-1])
         return out.reshape(b, length, -1) + self.b_out[...].astype(dtype)
 
 
-def attend(q_BLHK, k_BLHK, v_BLHK, *, mask, implementation: str, context_impl: str = "ring") -> jax.Array:
+def attend(
+    q_BLHK, k_BLHK, v_BLHK, *, mask, implementation: str, context_impl: str = "ring", scale=None
+) -> jax.Array:
     """`pallas_kernels.attention`, per device under `jax.shard_map` when a mesh is in context.
+    `scale` multiplies the logits (None: head_dim ** -0.5).
 
     Kernels are custom calls that XLA cannot partition (Mosaic refuses; Triton / cuDNN calls get
     their inputs all-gathered to the full global batch). Attention needs no communication across
@@ -96,7 +104,9 @@ def attend(q_BLHK, k_BLHK, v_BLHK, *, mask, implementation: str, context_impl: s
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or mesh.manual_axes:
-        return pallas_kernels.attention(q_BLHK, k_BLHK, v_BLHK, mask=mask, implementation=implementation)
+        return pallas_kernels.attention(
+            q_BLHK, k_BLHK, v_BLHK, mask=mask, scale=scale, implementation=implementation
+        )
     shape = dict(mesh.shape)
     batch_axes = spec_for(("act_batch",), q_BLHK.shape[:1], ACTIVATION_RULES, shape)[0]
     head_axes = spec_for(("act_heads",), (k_BLHK.shape[2],), ACTIVATION_RULES, shape)[0]
@@ -106,9 +116,9 @@ def attend(q_BLHK, k_BLHK, v_BLHK, *, mask, implementation: str, context_impl: s
     if context is not None:  # the sequence is split over `context`: ring or all-to-all attention
         return pallas_kernels.context_attention(
             q_BLHK, k_BLHK, v_BLHK, mesh=mesh, context_axis=context, batch_axis=batch_axes,
-            head_axis=head_axes, mask=mask, implementation=implementation, method=context_impl,
+            head_axis=head_axes, mask=mask, scale=scale, implementation=implementation, method=context_impl,
         )  # fmt: skip
     return pallas_kernels.sharded_attention(
         q_BLHK, k_BLHK, v_BLHK, mesh=mesh, batch_axis=batch_axes, head_axis=head_axes, mask=mask,
-        implementation=implementation,
+        scale=scale, implementation=implementation,
     )  # fmt: skip

@@ -10,7 +10,8 @@ Images are NHWC. `DiT(x_BHWC, t_B, y_B)` returns [B, H, W, C_out] with C_out = 2
 learns sigma (SiT and LightningDiT drop the second half when sampling; we return all of it).
 Initialisation follows the reference: Xavier-uniform linears (the patch bias keeps PyTorch's default
 uniform), N(0, 0.02) embeddings and timestep MLP, zero-initialised adaLN modulations and final
-projection (adaLN-Zero), norm scales 1.
+projection (adaLN-Zero), norm scales 1. model.parametrization="mup" rescales a few of these inits,
+multiplies the readouts' inputs and scales the attention logits as models.mup describes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dit_jax import config as config_lib
+from dit_jax.models import mup
 from dit_jax.models.attention import SelfAttention
 from dit_jax.models.layers import (
     LabelEmbedder,
@@ -76,12 +78,13 @@ class DiTBlock(nnx.Module):
         qk_norm = cfg.norm if cfg.qk_norm else None
         self.attn = SelfAttention(
             d, cfg.num_heads, impl=attention_impl, mask=attention_mask, qk_norm=qk_norm,
-            context_impl=context_impl, **kw,
+            context_impl=context_impl, scale=mup.attention_scale(cfg), **kw,
         )  # fmt: skip
         if moe:
             self.mlp = MoE(
                 d, cfg.mlp_hidden_size, num_experts=cfg.num_experts, experts_per_token=cfg.experts_per_token,
-                shared_experts=cfg.shared_experts, capacity_factor=cfg.moe_capacity, mlp=cfg.mlp, **kw,
+                shared_experts=cfg.shared_experts, capacity_factor=cfg.moe_capacity, mlp=cfg.mlp,
+                router_mult=mup.output_multiplier(cfg), **kw,
             )  # fmt: skip
         else:
             self.mlp = (SwiGLU if cfg.mlp == "swiglu" else Mlp)(d, cfg.mlp_hidden_size, **kw)
@@ -114,11 +117,13 @@ class FinalLayer(nnx.Module):
         self.adaln = dense(d, 2 * d, ("embed", "adaln"), **kw)
         self.proj = dense(d, p * p * cfg.out_channels, ("embed", "patch"), **kw)
         self.norm = _rms_norm_or_none(cfg)
+        self.output_mult = mup.output_multiplier(cfg)  # μP's readout multiplier (None under SP)
 
     def __call__(self, x_BLD: jax.Array, c_BD: jax.Array) -> jax.Array:
         shift, scale = jnp.split(self.adaln(jax.nn.silu(c_BD)), 2, axis=-1)
         h = self.norm(x_BLD) if self.norm is not None else layer_norm(x_BLD)
-        return self.proj(modulate(h, shift, scale))
+        h = modulate(h, shift, scale)
+        return self.proj(h if self.output_mult is None else h * self.output_mult)
 
 
 # model.remat -> what jax.checkpoint keeps of a block's forward for the backward pass.
@@ -201,8 +206,14 @@ class DiT(nnx.Module):
             self.blocks = nnx.List(blocks)
         self.final = FinalLayer(cfg, rngs=rngs)
         self.projector = (
-            Projector(d, cfg.repa_projector_dim, cfg.repa_feature_dim, **kw) if cfg.repa_depth else None
+            Projector(
+                d, cfg.repa_projector_dim, cfg.repa_feature_dim, input_mult=mup.output_multiplier(cfg), **kw
+            )
+            if cfg.repa_depth
+            else None
         )
+        if mup.enabled(cfg):
+            mup.rescale_init(self, cfg)
 
     def __call__(
         self,

@@ -309,13 +309,28 @@ class SwiGLU(nnx.Module):
 
 
 class Projector(nnx.Module):
-    """REPA's projector head: Linear-SiLU-Linear-SiLU-Linear (hidden -> width -> width -> features)."""
+    """REPA's projector head: Linear-SiLU-Linear-SiLU-Linear (hidden -> width -> width -> features).
 
-    def __init__(self, hidden: int, width: int, features: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+    `input_mult`: a multiplier on the input (μP's readout multiplier, models.mup); None = none."""
+
+    def __init__(
+        self,
+        hidden: int,
+        width: int,
+        features: int,
+        *,
+        input_mult: float | None = None,
+        rngs: nnx.Rngs,
+        dtype,
+        param_dtype,
+    ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.input_mult = input_mult
         self.fc1 = dense(hidden, width, ("embed", "mlp"), **kw)
         self.fc2 = dense(width, width, ("mlp", "embed"), **kw)
         self.fc3 = dense(width, features, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.input_mult is not None:
+            x = x * self.input_mult
         return self.fc3(jax.nn.silu(self.fc2(jax.nn.silu(self.fc1(x)))))

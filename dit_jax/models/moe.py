@@ -89,10 +89,12 @@ class MoE(nnx.Module):
         shared_experts: int = 0,
         capacity_factor: float = 0.0,
         mlp: str = "gelu",
+        router_mult: float | None = None,
         rngs: nnx.Rngs,
         dtype,
         param_dtype,
     ):
+        """`router_mult`: a multiplier on the router logits (μP's readout multiplier, models.mup)."""
         if mlp not in MLPS:
             raise ValueError(f"mlp must be one of {MLPS}, got {mlp!r}")
         if not 1 <= experts_per_token <= num_experts:
@@ -101,6 +103,7 @@ class MoE(nnx.Module):
         self.capacity_factor = float(capacity_factor)
         self.mlp = mlp
         self.dtype = dtype
+        self.router_mult = router_mult
         e, d, f = num_experts, hidden, mlp_hidden
         self.router = Dense(
             d, e, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype, kernel_init=_router_init,
@@ -132,6 +135,8 @@ class MoE(nnx.Module):
         b, length, _ = x_BLD.shape
         e, f = self.w_out.shape[:2]
         router = self.router.kernel[...]
+        if self.router_mult is not None:  # x (W c) = (x c) W: μP's multiplier on the readout's input
+            router = router * self.router_mult
         experts = {n: getattr(self, n)[...].astype(dtype) for n in ("w_in", "b_in", "w_out", "b_out")}
         run = functools.partial(
             _routed, k=self.k, capacity_factor=self.capacity_factor, mlp=self.mlp, dtype=dtype

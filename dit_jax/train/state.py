@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -10,7 +11,8 @@ import optax
 from flax import nnx, struct
 
 from dit_jax import config as config_lib
-from dit_jax.models.build import ModelSpec, build_model
+from dit_jax.models import mup
+from dit_jax.models.build import ModelSpec, build_model, model_spec
 from dit_jax.parallel import mesh as mesh_lib
 
 
@@ -30,12 +32,55 @@ def learning_rate(cfg: config_lib.Optim, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup, after], [cfg.warmup_steps])
 
 
-def optimizer(cfg: config_lib.Config) -> optax.GradientTransformation:
+def optimizer(cfg: config_lib.Config, spec: ModelSpec | None = None) -> optax.GradientTransformation:
+    """AdamW (after global-norm clipping when optim.grad_clip > 0); under model.parametrization="mup"
+    with μP's per-parameter learning rates (`mup_adamw`). `spec`: the model's, if already built."""
     o = cfg.optim
-    adamw = optax.adamw(
-        learning_rate(o, cfg.total_steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay
-    )
+    lr = learning_rate(o, cfg.total_steps)
+    if mup.enabled(cfg.model):
+        adamw = mup_adamw(cfg, lr, spec)
+    else:
+        adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
     return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip > 0 else adamw
+
+
+def lr_multipliers(cfg: config_lib.Config, spec: ModelSpec | None = None) -> Any:
+    """μP's per-parameter learning-rate multipliers (models.mup.lr_multipliers) of cfg's model,
+    from its parameter shapes and its base model's: a tree of floats like the params."""
+    spec = spec or model_spec(cfg)
+    base = model_spec(dataclasses.replace(cfg, model=mup.base_config(cfg.model)))
+    return mup.lr_multipliers(spec.abstract_params, base.abstract_params)
+
+
+def scale_updates(inner: optax.GradientTransformation, multipliers: Any) -> optax.GradientTransformation:
+    """`inner` with each update leaf times its multiplier (a tree of floats like the params); the
+    state is inner's own, so the optimizer state keeps its tree."""
+
+    def update(updates, state, params=None):
+        updates, state = inner.update(updates, state, params)
+        return jax.tree.map(lambda u, m: u * m, updates, multipliers), state
+
+    return optax.GradientTransformation(inner.init, update)
+
+
+def mup_adamw(
+    cfg: config_lib.Config, lr: optax.Schedule, spec: ModelSpec | None = None, multipliers: Any = None
+) -> optax.GradientTransformation:
+    """optax.adamw with μP's per-parameter learning rates, as the `mup` package's MuAdamW: the Adam
+    direction of each parameter is multiplied by its multiplier (base/width for hidden weights)
+    before the decoupled weight decay is added, so the decay step lr x weight_decay x param is the
+    same at every width (MuAdamW divides lr and multiplies weight_decay by the width multiplier).
+    The same chain as optax.adamw, so the optimizer state has the same tree as under SP.
+    `multipliers`: a tree like the params (floats or arrays), default `lr_multipliers(cfg, spec)`."""
+    o = cfg.optim
+    adam = optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps)
+    if multipliers is None:
+        multipliers = lr_multipliers(cfg, spec)
+    return optax.chain(
+        scale_updates(adam, multipliers),
+        optax.add_decayed_weights(o.weight_decay),
+        optax.scale_by_learning_rate(lr),
+    )
 
 
 def state_shardings(cfg: config_lib.Config, spec: ModelSpec, tx, mesh: jax.sharding.Mesh) -> TrainState:
