@@ -17,9 +17,12 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PER_DEVICE_BATCH = 2
+# Per-block (unscanned) blocks, so that the compiled program holds every block's kernel calls and
+# XLA's FLOP count covers the whole step (it counts a scan's body once); the scanned default is
+# planned on pods in benchmarks/aot_plans.py (README "Planning a run").
 XL_ARGS = ("--config=configs/dit.py:variant=XL/2", "--config.model.dtype=bfloat16",
            "--config.mesh.rules=fsdp", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
-           "--config.attention.impl=pallas")  # fmt: skip
+           "--config.attention.impl=pallas", "--config.model.scan_blocks=False")  # fmt: skip
 # target -> (devices, custom-call targets of its Pallas kernels: Mosaic TPU; Triton or Mosaic GPU)
 TARGETS = {
     "tpu:v5p:2x2x1": (4, {"tpu_custom_call"}),
