@@ -119,7 +119,8 @@ def write_workdir(cfg: config_lib.Config, params: dict, workdir: str) -> None:
     checkpoints = workdir_lib.checkpoint_dir(workdir)
     if os.path.isdir(checkpoints) and os.listdir(checkpoints):
         raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new, empty workdir")
-    spec, tx = model_spec(cfg), state_lib.optimizer(cfg)
+    spec = model_spec(cfg)
+    tx = state_lib.optimizer(cfg, spec)
     params = layout.for_model(params, cfg.model)  # converters give one subtree per block
     _check_tree(params, spec.abstract_params)
     dtypes = jax.tree.map(lambda a: a.dtype, spec.abstract_params)

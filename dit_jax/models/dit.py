@@ -238,8 +238,6 @@ class DiT(nnx.Module):
     ) -> tuple[jax.Array, jax.Array | None, Aux]:
         """(output, REPA features or None, aux): aux averages the MoE blocks' statistics
         (balance_loss, z_loss, expert_load [E], dropped_fraction; see models.moe), {} when dense."""
-        if with_features and self.projector is None:
-            return self.forward_with_features(x_BHWC, t_B, y_B, drop_key=drop_key)  # raises
         return self._forward(x_BHWC, t_B, y_B, drop_key, with_features=with_features)
 
     def forward_with_features(
@@ -252,11 +250,6 @@ class DiT(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """(output as `__call__`, REPA features z [B, L, repa_feature_dim]): the projector applied to
         the hidden states after `repa_depth` blocks, for REPA's alignment loss."""
-        if self.projector is None:
-            raise ValueError(
-                "forward_with_features needs a REPA projector: set model.repa_depth > 0 "
-                "(the number of blocks whose output is projected)"
-            )
         return self._forward(x_BHWC, t_B, y_B, drop_key, with_features=True)[:2]
 
     def _forward(
@@ -268,6 +261,11 @@ class DiT(nnx.Module):
         *,
         with_features: bool,
     ) -> tuple[jax.Array, jax.Array | None, Aux]:
+        if with_features and self.projector is None:
+            raise ValueError(
+                "forward_with_features needs a REPA projector: set model.repa_depth > 0 "
+                "(the number of blocks whose output is projected)"
+            )
         cfg = self.cfg
         dtype = dtype_of(cfg.dtype)
         grid = cfg.image_size // cfg.patch_size

@@ -133,7 +133,7 @@ def build_train_step(
 ) -> BuiltStep:
     """The train step for (config, mesh), built one way for the Trainer and for `dit_jax.plan`."""
     spec = model_spec(cfg)
-    tx = state_lib.optimizer(cfg)
+    tx = state_lib.optimizer(cfg, spec)
     shardings = state_lib.state_shardings(cfg, spec, tx, mesh)
     return BuiltStep(spec, tx, shardings, make_train_step(cfg, spec, tx, mesh, shardings, encoder))
 
