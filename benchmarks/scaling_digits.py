@@ -38,7 +38,7 @@ import time
 
 from record import record
 
-from dit_jax import config_files, scaling, sweeps
+from dit_jax import config_files, scaling, scaling_report, sweeps
 from dit_jax.configs import scaling as study
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,7 +131,7 @@ def markdown_section(metric: str, figures: dict, result: scaling.Analysis) -> st
     h = figures["heldout"]
     verdict = "inside" if h["in_interval"] else "outside"
     return (
-        scaling.markdown(result).replace("# Scaling fit", "## Scaling fit", 1)
+        scaling_report.markdown(result).replace("# Scaling fit", "## Scaling fit", 1)
         + f"\nHeld-out run `{h['run']}` ({h['num_params']:,} parameters, {h['flops']:.4g} FLOPs, "
         f"{h['flops_over_largest_fitted']:.2f}× the largest fitted run): predicted {metric} = "
         f"{h['predicted']:.4g} (95% bootstrap interval {h['interval'][0]:.4g} – {h['interval'][1]:.4g}), "
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         fits[metric] = figures
         sections.append(markdown_section(metric, figures, result))
-        png = scaling.plot_png(result)
+        png = scaling_report.plot_png(result)
         if png is not None:
             path = f"{stem}_{metric.replace('eval/', '').replace('/', '_')}.png"
             with open(path, "wb") as f:

@@ -257,7 +257,7 @@ def cmd_scaling(args, overrides: list[str]) -> None:
     """Scaling-law fit over training runs (dit_jax.scaling): frontier, a·C^(−b) + c, N_opt; plot + table."""
     import json
 
-    from dit_jax import scaling
+    from dit_jax import scaling, scaling_report
     from dit_jax.config import ConfigError
 
     if overrides:
@@ -282,14 +282,14 @@ def cmd_scaling(args, overrides: list[str]) -> None:
             seed=args.seed,
             smooth=scaling.default_smoothing(args.metric) if args.smooth is None else args.smooth,
         )
-        output = args.output or scaling.default_output(curves)
+        output = args.output or scaling_report.default_output(curves)
         try:
-            written = scaling.write_report(result, output)
+            written = scaling_report.write_report(result, output)
         except OSError as e:
             raise scaling.ScalingError(f"cannot write the report into {output}: {e.strerror or e}") from None
     except scaling.ScalingError as e:
         raise ConfigError(str(e)) from None
-    print(scaling.markdown(result))
+    print(scaling_report.markdown(result))
     if skipped:
         print(f"left out (no {args.metric} logged): {', '.join(skipped)}", file=sys.stderr)
     if "png" not in written:

@@ -163,8 +163,9 @@ class StateBytes:
     total: int
 
 
-def _abstract_state(cfg: config_lib.Config, built: BuiltStep) -> state_lib.TrainState:
-    """The train state as ShapeDtypeStructs carrying their shardings (jax.eval_shape: no memory)."""
+def abstract_state(cfg: config_lib.Config, built: BuiltStep) -> state_lib.TrainState:
+    """The train state of `built` as ShapeDtypeStructs carrying their shardings (nothing allocated): the
+    first argument of `built.step_fn.lower`."""
     abstract = state_lib.abstract_state(cfg, built.spec, built.tx)
     to_struct = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
     return jax.tree.map(to_struct, abstract, built.shardings)
@@ -184,14 +185,14 @@ def state_bytes_of(state: state_lib.TrainState) -> StateBytes:
 
 def state_bytes(cfg: config_lib.Config, mesh: jax.sharding.Mesh) -> StateBytes:
     """Per-device and total bytes of the train state of `cfg` sharded over `mesh` (compiles nothing)."""
-    return state_bytes_of(_abstract_state(cfg, build_train_step(cfg, mesh)))
+    return state_bytes_of(abstract_state(cfg, build_train_step(cfg, mesh)))
 
 
 def plan(cfg: config_lib.Config, target: Target) -> Plan:
     """Compiles the train step of `cfg` for `target` (nothing allocated) and reports its cost."""
     mesh = check(cfg, target)
     built = build_train_step(cfg, mesh)
-    state = _abstract_state(cfg, built)
+    state = abstract_state(cfg, built)
     batch = abstract_batch(cfg, mesh_lib.batch_sharding(mesh))
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):

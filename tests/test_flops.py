@@ -86,7 +86,7 @@ def test_repa_projector_and_train_step_match_xla():
     built = build_train_step(plain, mesh)
     from dit_jax import plan
 
-    state = plan._abstract_state(plain, built)
+    state = plan.abstract_state(plain, built)
     batch = plan.abstract_batch(plain, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     with jax.set_mesh(mesh):
         xla = built.step_fn.lower(state, batch, None).compile().cost_analysis()

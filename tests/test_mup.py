@@ -390,3 +390,26 @@ def test_config_validation():
     config_lib.Model(hidden_size=384, num_heads=6, parametrization="sp", mup_base_width=128)  # unused
     assert not config_lib.is_resumable("model.parametrization")
     assert not config_lib.is_resumable("model.mup_base_width")
+
+
+def test_transfer_benchmark_summary():
+    """benchmarks/mup_transfer.py's verdict on made-up loss grids: signed shift, regret, divergence."""
+    import os
+    import sys
+
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    )
+    from mup_transfer import summarise
+
+    lrs = 2.0 ** np.arange(-8, -3)
+    losses = {
+        "sp": {32: np.array([0.9, 0.8, 0.7, 0.6, 0.5]), 256: np.array([0.8, 0.4, 0.6, np.inf, np.inf])},
+        "mup": {32: np.array([0.9, 0.8, 0.5, 0.6, 0.7]), 256: np.array([0.9, 0.7, 0.6, 0.4, 0.5])},
+    }
+    out = summarise(losses, lrs, [32, 256])
+    assert out["sp_best_lr_shift_steps"] == -3 and out["mup_best_lr_shift_steps"] == 1
+    assert out["sp_best_lr"] == {"32": 2.0**-4, "256": 2.0**-7}
+    assert out["sp_transfer_regret"] is None  # 256 diverged at 32's best learning rate
+    assert out["mup_transfer_regret"] == pytest.approx(0.6 / 0.4)
+    assert out["mup_best_loss"] == {"32": 0.5, "256": 0.4}

@@ -51,26 +51,3 @@ def test_sample_pretrained_notebook(tmp_path, tiny_vae_dir):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
     assert os.path.exists(tmp_path / "nb" / "checkpoints")
-
-
-def test_scaling_study_notebook(tmp_path, data_dir, monkeypatch):
-    """3 widths of a few steps each, then the frontier, the fit, its plot and table. On one CPU device,
-    as on a CPU Colab (8 fake devices would double the compile time of every run)."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
-    monkeypatch.setenv("XLA_FLAGS", " ".join(flags))  # the kernel inherits the environment
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    root = tmp_path / "sweep"
-    params = (
-        f'CONFIG = "scaling:smoke"\nWIDTHS = [16, 24, 32]\nSTEPS = [6]\nROOT = "{root}"\n'
-        f'OVERRIDES = ["--config.log_every=1", "--config.data.data_dir=\'{data_dir}\'"]\n'
-    )
-    nb = run_notebook(os.path.join(repo, "notebooks", "scaling_study.ipynb"), params, repo)
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
-    printed = "".join(o.get("text", "") for o in outputs)
-    assert "CpuDevice(id=0)" in printed and "CpuDevice(id=1)" not in printed
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 1  # the fit
-    (table,) = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
-    assert "| b |" in table and table.count("| model.hidden_size=") == 3
-    assert len([d for d in os.listdir(root) if (root / d / "checkpoints").is_dir()]) == 3
-    assert (root / "scaling" / "scaling_loss.json").exists()

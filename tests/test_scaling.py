@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dit_jax import config as config_lib
-from dit_jax import scaling
+from dit_jax import scaling, scaling_report
 from dit_jax.cli import main
 
 A_TRUE, B_TRUE, C_TRUE = 2 * 1e15**0.3, 0.3, 0.5  # the power term is 4x c at the smallest compute
@@ -232,7 +232,7 @@ def test_cli_end_to_end(sweep, capsys, tmp_path):
     prediction = result["prediction"]
     assert prediction["flops"] == pytest.approx(10 * largest)
     assert prediction["lo"] <= prediction["value"] <= prediction["hi"]
-    paths = scaling.report_paths(str(root / "scaling"), "loss")  # default: beside the runs
+    paths = scaling_report.report_paths(str(root / "scaling"), "loss")  # default: beside the runs
     with open(paths["png"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     from PIL import Image

@@ -1,5 +1,5 @@
 """What a Colab user gets: the built wheel in a fresh venv, used from a directory outside the
-checkout — the notebooks' install cell, the packaged configs, and both notebooks end to end."""
+checkout — the notebooks' install cell, the packaged configs, and the three notebooks end to end."""
 
 import json
 import os
@@ -74,6 +74,21 @@ def test_wheel_in_a_fresh_venv_runs_the_notebooks_and_the_cli(tmp_path, data_dir
         [python, "-c", "import dit_jax; print(dit_jax.__file__)"], cwd=outside, env=env
     ).stdout.strip()
     assert location.startswith(str(env_dir)), location  # the installed wheel, not the checkout
+
+    # The scaling study: 3 widths of a few steps, then the frontier, the fit, its plot and table.
+    root = outside / "sweep"
+    params = (
+        f'DIT_JAX = "{wheel}"\nCONFIG = "scaling:smoke"\nWIDTHS = [16, 24, 32]\nSTEPS = [6]\nROOT = "sweep"\n'
+        f'OVERRIDES = ["--config.log_every=1", "--config.data.data_dir=\'{data_dir}\'"]\n'
+    )
+    outputs = execute_notebook(python, "scaling_study.ipynb", params, str(outside), env)
+    printed = "".join(o.get("text", "") for o in outputs)
+    assert "CpuDevice(id=0)" in printed and "CpuDevice(id=1)" not in printed
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 1  # the fit
+    (table,) = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+    assert "| b |" in table and table.count("| model.hidden_size=") == 3
+    assert len([d for d in os.listdir(root) if (root / d / "checkpoints").is_dir()]) == 3
+    assert (root / "scaling" / "scaling_loss.json").exists()
 
     dit_jax = str(env_dir / "bin" / "dit-jax")
     train = [dit_jax, "train", "--config=quickstart:smoke", "--workdir=cli", "--config.total_steps=2",
