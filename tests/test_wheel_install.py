@@ -82,10 +82,10 @@ def test_wheel_in_a_fresh_venv_runs_the_notebooks_and_the_cli(tmp_path, data_dir
         f'OVERRIDES = ["--config.log_every=1", "--config.data.data_dir=\'{data_dir}\'"]\n'
     )
     outputs = execute_notebook(python, "scaling_study.ipynb", params, str(outside), env)
-    printed = "".join(o.get("text", "") for o in outputs)
+    printed = "".join("".join(o.get("text", "")) for o in outputs)  # a str or a list of lines in the file
     assert "CpuDevice(id=0)" in printed and "CpuDevice(id=1)" not in printed
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 1  # the fit
-    (table,) = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+    (table,) = ["".join(o["data"]["text/markdown"]) for o in outputs if "text/markdown" in o.get("data", {})]
     assert "| b |" in table and table.count("| model.hidden_size=") == 3
     assert len([d for d in os.listdir(root) if (root / d / "checkpoints").is_dir()]) == 3
     assert (root / "scaling" / "scaling_loss.json").exists()
