@@ -70,10 +70,13 @@ class Model:
     #   depth >= 8. With MoE every k-th block, a scan step is a group of k blocks. Weights in the
     #   per-block layout (published checkpoints, older runs) convert on load (models.layout).
     # remat: what the backward pass keeps of each block's forward: "none" (everything), "full"
-    #   (only the block inputs; recompute the rest), "save_dots" (also the matmul outputs),
-    #   "offload" (matmul outputs moved to host memory; backends with a pinned_host memory).
+    #   (only the block inputs; recompute the rest), "save_dots" (also the matmul outputs and the
+    #   attention kernel's output and LSE), "offload" (matmul outputs moved to host memory; backends
+    #   with a pinned_host memory). None = "save_dots" for scanned blocks (a scan keeps every
+    #   residual as a stacked loop output, where per-block XLA would fuse the elementwise ones away),
+    #   else "none"; see `remat_policy`.
     scan_blocks: bool | None = None
-    remat: str = "none"
+    remat: str | None = None
     # Mixture of experts (DiT-MoE, models.moe): num_experts > 0 replaces the MLP of every
     #   moe_every-th block (blocks k-1, 2k-1, ...) by experts_per_token-of-num_experts routed experts
     #   plus shared_experts always-on experts; moe_capacity: expert capacity factor (0 = dropless);
@@ -161,7 +164,8 @@ class Model:
         )
         for key in ("repa_projector_dim", "repa_feature_dim"):
             _check(getattr(self, key) > 0, f"model.{key}", "must be positive")
-        _check_choice(self.remat, "model.remat", REMAT_POLICIES)
+        if self.remat is not None:
+            _check_choice(self.remat, "model.remat", REMAT_POLICIES)
         self._check_moe()
         self._check_mup()
         if self.scan_blocks:
@@ -228,6 +232,13 @@ class Model:
             return self.scan_blocks
         p = self.block_period
         return self.depth >= 8 and self.depth % p == 0 and self.repa_depth % p == 0
+
+    @property
+    def remat_policy(self) -> str:
+        """The remat policy in force: `remat`, or by default "save_dots" when scanned, else "none"."""
+        if self.remat is not None:
+            return self.remat
+        return "save_dots" if self.scanned else "none"
 
     @property
     def mlp_hidden_size(self) -> int:

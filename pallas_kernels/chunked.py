@@ -15,6 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import residuals
 from pallas_kernels.masks import FULL, PARTIAL, Mask
 from pallas_kernels.plan import BlockPlan, Compacted, build_plan
 
@@ -229,6 +230,7 @@ def _attend(q, k, v, q_ids, kv_ids, st: Static):
 
 def _attend_fwd(q, k, v, q_ids, kv_ids, st):
     out, lse = forward(st, q, k, v, q_ids, kv_ids)
+    out, lse = residuals.named(out, lse)  # the outputs are the residuals: one value, saved once
     return (out, lse), (q, k, v, q_ids, kv_ids, out, lse)
 
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from pallas_kernels import chunked, dispatch, reference
+from pallas_kernels import chunked, dispatch, reference, residuals
 from pallas_kernels import masks as masks_lib
 from pallas_kernels import platform as platform_lib
 from pallas_kernels.sharding import AxisName, axis_size
@@ -311,6 +311,7 @@ def _ring(q, k, v, q_ids, kv_ids, *, static, axis, n, scale, implementation, int
 
     def ring_fwd(q, k, v, q_ids, kv_ids):
         out, lse = forward(q, k, v, q_ids, kv_ids)
+        out, lse = residuals.named(out, lse)  # the outputs are the residuals: one value, saved once
         return (out, lse), (q, k, v, q_ids, kv_ids, out, lse)
 
     ring.defvjp(ring_fwd, backward)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import blocks as blocks_lib
 from pallas_kernels import platform as platform_lib
-from pallas_kernels import tiles
+from pallas_kernels import residuals, tiles
 from pallas_kernels.masks import Mask
 from pallas_kernels.plan import BlockPlan, build_plan
 
@@ -189,6 +189,7 @@ def _attend(q, k, v, q_ids, kv_ids, cfg: Config):
 
 def _attend_fwd(q, k, v, q_ids, kv_ids, cfg):
     out, lse = _forward(cfg, q, k, v, q_ids, kv_ids)
+    out, lse = residuals.named(out, lse)  # the outputs are the residuals: one value, saved once
     return (out, lse), (q, k, v, q_ids, kv_ids, out, lse)
 
 

@@ -42,6 +42,7 @@ from dit_jax.models.layers import (
 )
 from dit_jax.models.moe import MoE
 from dit_jax.parallel.rules import constrain
+from pallas_kernels import residuals
 
 ACT_BLD = ("act_batch", "act_seq", "act_embed")
 Rope = tuple[jax.Array, jax.Array] | None
@@ -126,10 +127,15 @@ class FinalLayer(nnx.Module):
         return self.proj(h if self.output_mult is None else h * self.output_mult)
 
 
-# model.remat -> what jax.checkpoint keeps of a block's forward for the backward pass.
+# model.remat -> what jax.checkpoint keeps of a block's forward for the backward pass. "save_dots"
+# keeps the matmul outputs and the attention kernel's output and LSE (O(seq), pallas_kernels.residuals):
+# without them the backward would run the forward attention kernel again.
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*residuals.NAMES),
+    ),
     "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
@@ -294,7 +300,7 @@ class DiT(nnx.Module):
         Returns the output and the MoE blocks' statistics, each with a leading block axis."""
         if start == stop:
             return x_BLD, {}
-        policy = self.cfg.remat
+        policy = self.cfg.remat_policy
         if not self.cfg.scanned:
             block = (
                 _apply_block if policy == "none" else nnx.remat(_apply_block, policy=REMAT_POLICIES[policy])
