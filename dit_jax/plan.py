@@ -63,6 +63,7 @@ class Plan:
     mesh: dict[str, int]
     batch_size: int
     num_params: int
+    blocks: str  # the block layout and remat policy in force, e.g. "28 scanned, remat save_dots"
     params_bytes_per_device: int
     ema_bytes_per_device: int
     opt_state_bytes_per_device: int
@@ -218,6 +219,7 @@ def plan(cfg: config_lib.Config, target: Target) -> Plan:
         fits = memory["total"] <= device_memory
     hlo = compiled.as_text() if compiled is not None else ""
     sizes = state_bytes_of(state)
+    m = cfg.model
     return Plan(
         target=target.name,
         platform=target.platform,
@@ -226,6 +228,7 @@ def plan(cfg: config_lib.Config, target: Target) -> Plan:
         mesh={k: int(v) for k, v in mesh.shape.items()},
         batch_size=cfg.batch_size,
         num_params=sizes.num_params,
+        blocks=f"{m.depth} {'scanned' if m.scanned else 'per block'}, remat {m.remat_policy}",
         params_bytes_per_device=sizes.params_per_device,
         ema_bytes_per_device=sizes.ema_per_device,
         opt_state_bytes_per_device=sizes.opt_state_per_device,
@@ -340,14 +343,14 @@ def format_table(p: Plan) -> str:
     """The plan as a human-readable table."""
     mesh = " × ".join(f"{k}={v}" for k, v in p.mesh.items())
     if p.flops_per_step is not None:
-        compiler = f"{p.flops_per_step:.4g}"
+        compiler = f"{p.flops_per_step:.4g} (loop bodies once)"
     else:
         compiler = (
             "n/a (" + ("not compiled" if p.compile_error else "no cost analysis on this platform") + ")"
         )
     rows = [
         ("target", f"{p.target}: {p.num_devices} × {p.device_kind}, mesh {mesh}"),
-        ("model", f"{p.num_params / 1e6:.1f}M parameters, global batch {p.batch_size}"),
+        ("model", f"{p.num_params / 1e6:.1f}M parameters, global batch {p.batch_size}; blocks {p.blocks}"),
         ("params / device", size_text(p.params_bytes_per_device)),
         ("EMA / device", size_text(p.ema_bytes_per_device)),
         ("optimizer / device", size_text(p.opt_state_bytes_per_device)),
@@ -365,8 +368,7 @@ def format_table(p: Plan) -> str:
         ("total / device", _fits_line(p)),
         (
             "FLOPs / step",
-            f"compiler {compiler} (loop bodies once); "
-            f"analytic {p.model_flops_per_step:.4g} (3 × forward matmuls)",
+            f"compiler {compiler}; analytic {p.model_flops_per_step:.4g} (3 × forward matmuls)",
         ),
         ("custom calls", ", ".join(p.custom_calls) or "none"),
         ("kernels", ", ".join(p.kernels) or "none"),

@@ -208,7 +208,10 @@ def test_plan_covers_context_expert_scan_remat_and_multi_slice(name):
 
 def test_remat_shrinks_the_planned_temporaries():
     sizes = {}
-    for remat in ("none", "full"):
+    for remat in ("none", "full", "None"):  # None: depth 8 scans, and scanned blocks save dots
         cfg = load(TINY, *TINY_ARGS, "--config.model.depth=8", f"--config.model.remat={remat}")
-        sizes[remat] = plan.plan(cfg, targets.get("cpu:8")).temp_bytes_per_device
+        report = plan.plan(cfg, targets.get("cpu:8"))
+        sizes[remat] = report.temp_bytes_per_device
+        assert report.blocks == f"8 scanned, remat {'save_dots' if remat == 'None' else remat}"
     assert sizes["full"] < 0.7 * sizes["none"]
+    assert sizes["full"] < sizes["None"] < sizes["none"]

@@ -40,7 +40,7 @@ from dit_jax.models.layers import (
     unpatchify,
     zeros,
 )
-from dit_jax.models.moe import MoE
+from dit_jax.models.moe import EXPERT_MATMULS, MoE
 from dit_jax.parallel.rules import constrain
 from pallas_kernels import residuals
 
@@ -128,13 +128,13 @@ class FinalLayer(nnx.Module):
 
 
 # model.remat -> what jax.checkpoint keeps of a block's forward for the backward pass. "save_dots"
-# keeps the matmul outputs and the attention kernel's output and LSE (O(seq), pallas_kernels.residuals):
-# without them the backward would run the forward attention kernel again.
+# keeps the matmul outputs, the experts' grouped-matmul outputs and the attention kernel's output and
+# LSE (O(seq), pallas_kernels.residuals): without the names the backward would run those again.
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(*residuals.NAMES),
+        jax.checkpoint_policies.save_only_these_names(*residuals.NAMES, *EXPERT_MATMULS),
     ),
     "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }

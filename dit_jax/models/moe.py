@@ -49,6 +49,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from dit_jax.models.layers import Dense, Mlp, SwiGLU
@@ -250,14 +251,20 @@ def _routed(x_BLD, router_DE, experts, *, k, capacity_factor, mlp, dtype, axes: 
     return y_TD.reshape(b, length, d), aux
 
 
+# The experts' grouped-matmul outputs, named for remat policies: `ragged_dot` is not a dot_general,
+# so jax.checkpoint_policies.dots_with_no_batch_dims_saveable alone would recompute them.
+EXPERT_MATMULS = ("moe_expert_in", "moe_expert_out")
+
+
 def _expert_mlps(xs_RD, sizes_G, expert_R, p, mlp: str) -> jax.Array:
     """Each row through its expert's MLP; rows sorted by expert, `sizes_G` rows per expert."""
     g, d = p["w_in"].shape[:2]
-    h = jax.lax.ragged_dot(xs_RD, p["w_in"].reshape(g, d, -1), sizes_G)
+    h = checkpoint_name(jax.lax.ragged_dot(xs_RD, p["w_in"].reshape(g, d, -1), sizes_G), EXPERT_MATMULS[0])
     h = h + p["b_in"].reshape(g, -1)[expert_R]
     if mlp == "gelu":
         h = jax.nn.gelu(h, approximate=True)
     else:
         h = h.reshape(h.shape[0], 2, -1)
         h = jax.nn.silu(h[:, 0]) * h[:, 1]
-    return jax.lax.ragged_dot(h, p["w_out"], sizes_G) + p["b_out"][expert_R]
+    out = checkpoint_name(jax.lax.ragged_dot(h, p["w_out"], sizes_G), EXPERT_MATMULS[1])
+    return out + p["b_out"][expert_R]

@@ -1,7 +1,8 @@
 """Remat policies on real kernels: under `model.remat=save_dots` (the scanned default) the backward
 pass of a scanned DiT reuses the attention kernel's saved output and LSE instead of running the
-forward kernel again; `full` recomputes it. Counted in the lowered train step (StableHLO, nothing
-compiled) for TPU v5p (Mosaic) and H100 (Triton)."""
+forward kernel again, and the experts' saved grouped-matmul outputs instead of running those again;
+`full` recomputes both. Counted in the lowered train step (StableHLO, nothing compiled) for TPU v5p
+(Mosaic) and H100 (Mosaic GPU forward)."""
 
 import re
 
@@ -21,27 +22,39 @@ TARGETS = {
 }
 
 
-def forward_kernel_calls(target, devices: int, pattern: str, remat: str) -> int:
+def lowered_step(target, devices: int, remat: str, *overrides: str) -> str:
     cfg = config_files.load(
         "dit:variant=S/2",
         ["--config.model.depth=4", "--config.model.scan_blocks=True", f"--config.model.remat={remat}",
          "--config.model.dtype=bfloat16", "--config.attention.impl=pallas", "--config.mesh.data=1",
-         f"--config.mesh.fsdp={devices}", f"--config.batch_size={2 * devices}"],
+         f"--config.mesh.fsdp={devices}", f"--config.batch_size={2 * devices}", *overrides],
     )  # fmt: skip
     mesh = plan_lib.check(cfg, target)
     built = build_train_step(cfg, mesh)
     state = plan_lib.abstract_state(cfg, built)
     batch = plan_lib.abstract_batch(cfg, mesh_lib.batch_sharding(mesh))
     with jax.set_mesh(mesh):
-        text = built.step_fn.lower(state, batch, None).as_text()
-    return len(re.findall(pattern, text))
+        return built.step_fn.lower(state, batch, None).as_text()
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_save_dots_keeps_the_attention_kernel_outputs(name, aot_target):
     target = aot_target(name)
     devices, pattern = TARGETS[name]
-    calls = {r: forward_kernel_calls(target, devices, pattern, r) for r in ("none", "save_dots", "full")}
+    calls = {
+        r: len(re.findall(pattern, lowered_step(target, devices, r))) for r in ("none", "save_dots", "full")
+    }
     assert calls["none"] >= 1
     assert calls["save_dots"] == calls["none"], calls  # the forward loop's call only
     assert calls["full"] > calls["none"], calls  # the backward loop runs it again
+
+
+def test_save_dots_keeps_the_expert_matmul_outputs(aot_target):
+    """DiT-MoE (4 experts in every 2nd block): `ragged_dot` is not a dot_general, so without their
+    names (models.moe.EXPERT_MATMULS) save_dots would recompute the experts' matmuls."""
+    target = aot_target("tpu:v5p:2x2x1")
+    moe = ("--config.model.num_experts=4", "--config.model.moe_every=2")
+    calls = {r: lowered_step(target, 4, r, *moe).count("ragged_dot") for r in ("none", "save_dots", "full")}
+    assert calls["none"] >= 2
+    assert calls["save_dots"] == calls["none"], calls
+    assert calls["full"] > calls["none"], calls
