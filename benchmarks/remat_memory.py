@@ -3,15 +3,17 @@
 Plans (`dit-jax plan`, in a fresh process each) the train step of one config with per-block blocks
 and `remat=none`, then with scanned blocks under each remat policy, and prints per variant the
 temporaries and total bytes per device, the compile time and how many times the compiled program
-calls the forward attention kernel (a scanned program holds each loop body once: 1 call = the
-forward loop's; 2 = the backward loop runs the kernel again):
+calls the forward attention kernel and the backward's dQ kernel (a scanned program holds each loop
+body once: forward 1 / dQ 1 = the forward loop's call and the backward loop's; forward 2 / dQ 1 =
+the backward loop runs the forward kernel again):
 
     .venv-aot/bin/python benchmarks/remat_memory.py --out=benchmarks/results/remat_memory_v5p_<date>.json
 
 Default: DiT-XL/2, bf16, Pallas attention, fsdp over a TPU v5p 2x2x1 slice (4 chips), 2 images
 per chip. A scan keeps every residual of a block as a stacked loop output, where XLA would fuse the
 elementwise ones of per-block blocks into their consumers; `save_dots` (the scanned default) keeps
-only matmul outputs and the attention kernel's output and LSE.
+only matmul outputs (also the experts') and the attention kernel's output and LSE; `offload` moves
+them to host memory.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ import tempfile
 
 from record import record
 
-# Forward attention kernel calls in compiled HLO: Mosaic TPU by kernel name; on sm_90 the Mosaic GPU
-# forward (the only Mosaic GPU call beside the Triton backward); else the Triton forward by name.
+# Attention kernel calls in compiled HLO: the forward (Mosaic TPU by kernel name; on sm_90 the Mosaic
+# GPU forward, the only Mosaic GPU call beside the Triton backward; else the Triton forward by name)
+# and the backward's dQ kernel. XLA may peel a loop iteration (host offloading does), which doubles
+# both counts; more forward than dQ calls means the backward pass runs the forward kernel again.
 FORWARD_KERNEL = re.compile(r"flash_fwd_tpu|custom_call_target=\"mosaic_gpu(?:_v2)?\"|flash_fwd_gpu")
+DQ_KERNEL = re.compile(r"flash_dq_(?:tpu|gpu)")
 VARIANTS = (("per-block", False, "none"), ("scanned", True, "none"), ("scanned", True, "save_dots"),
-            ("scanned", True, "full"))  # fmt: skip
+            ("scanned", True, "offload"), ("scanned", True, "full"))  # fmt: skip
 
 
 def plan_once(config: str, target: str, scan: bool, remat: str, extra: list[str]) -> dict:
@@ -45,10 +50,13 @@ def plan_once(config: str, target: str, scan: bool, remat: str, extra: list[str]
         if out.returncode:
             raise SystemExit(f"{' '.join(cmd)} failed: {out.stderr.strip().splitlines()[-1:]}")
         with open(hlo_path) as f:
-            calls = sum(1 for line in f if "custom-call(" in line and FORWARD_KERNEL.search(line))
+            calls = [line for line in f if "custom-call(" in line]
+    forward = sum(1 for line in calls if FORWARD_KERNEL.search(line))
+    dq = sum(1 for line in calls if DQ_KERNEL.search(line))
     p = json.loads(out.stdout.strip().splitlines()[-1])
     keys = ("temp_bytes_per_device", "total_bytes_per_device")
-    return {**{k: p[k] for k in keys}, "compile_s": round(p["compile_s"], 1), "forward_kernel_calls": calls}
+    return {**{k: p[k] for k in keys}, "compile_s": round(p["compile_s"], 1), "forward_kernel_calls": forward,
+            "dq_kernel_calls": dq}  # fmt: skip
 
 
 def main() -> int:
@@ -68,7 +76,8 @@ def main() -> int:
         runs.append(r)
         print(f"{layout:9s} remat={remat:9s} temporaries {r['temp_bytes_per_device'] / 2**30:5.2f} GiB/dev, "
               f"total {r['total_bytes_per_device'] / 2**30:5.2f} GiB, compile {r['compile_s']:6.1f} s, "
-              f"forward kernel calls {r['forward_kernel_calls']}", flush=True)  # fmt: skip
+              f"attention kernel calls forward {r['forward_kernel_calls']} / dQ {r['dq_kernel_calls']}",
+              flush=True)  # fmt: skip
     record("remat_memory", args.out, config=args.config, target=args.target, overrides=extra, runs=runs)
     return 0
 

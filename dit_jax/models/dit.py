@@ -127,16 +127,37 @@ class FinalLayer(nnx.Module):
         return self.proj(h if self.output_mult is None else h * self.output_mult)
 
 
-# model.remat -> what jax.checkpoint keeps of a block's forward for the backward pass. "save_dots"
-# keeps the matmul outputs, the experts' grouped-matmul outputs and the attention kernel's output and
-# LSE (O(seq), pallas_kernels.residuals): without the names the backward would run those again.
+# Outputs that are matmuls in all but primitive: the experts' grouped matmuls and the attention
+# kernels' output and LSE (O(seq), pallas_kernels.residuals). Named so that the policies below keep
+# them with the dot_general outputs; without the names the backward pass would run them again.
+NAMED_MATMULS = (*EXPERT_MATMULS, *residuals.NAMES)
+
+
+def _offload_matmuls(src: str, dst: str):
+    """A policy moving dot_general outputs and NAMED_MATMULS from `src` to `dst` memory."""
+    dots = jax.checkpoint_policies.offload_dot_with_no_batch_dims(src, dst)
+    named = jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=NAMED_MATMULS,
+        offload_src=src,
+        offload_dst=dst,
+    )
+
+    def policy(prim, *args, **params):
+        is_named = prim.name == "name" and params.get("name") in NAMED_MATMULS  # a checkpoint_name
+        return (named if is_named else dots)(prim, *args, **params)
+
+    return policy
+
+
+# model.remat -> what jax.checkpoint keeps of a block's forward for the backward pass.
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(*residuals.NAMES, *EXPERT_MATMULS),
+        jax.checkpoint_policies.save_only_these_names(*NAMED_MATMULS),
     ),
-    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    "offload": _offload_matmuls("device", "pinned_host"),
 }
 
 

@@ -1,8 +1,8 @@
 """Remat policies on real kernels: under `model.remat=save_dots` (the scanned default) the backward
 pass of a scanned DiT reuses the attention kernel's saved output and LSE instead of running the
 forward kernel again, and the experts' saved grouped-matmul outputs instead of running those again;
-`full` recomputes both. Counted in the lowered train step (StableHLO, nothing compiled) for TPU v5p
-(Mosaic) and H100 (Mosaic GPU forward)."""
+so does `offload`, which keeps them in host memory; `full` recomputes both. Counted in the lowered
+train step (StableHLO, nothing compiled) for TPU v5p (Mosaic) and H100 (Mosaic GPU forward)."""
 
 import re
 
@@ -20,6 +20,7 @@ TARGETS = {
     "tpu:v5p:2x2x1": (4, r"\bflash_fwd_tpu\b"),
     "gpu:h100:1x8": (8, r"custom_call @mosaic_gpu(?:_v2)?\b"),
 }
+REMATS = ("none", "save_dots", "offload", "full")
 
 
 def lowered_step(target, devices: int, remat: str, *overrides: str) -> str:
@@ -41,11 +42,9 @@ def lowered_step(target, devices: int, remat: str, *overrides: str) -> str:
 def test_save_dots_keeps_the_attention_kernel_outputs(name, aot_target):
     target = aot_target(name)
     devices, pattern = TARGETS[name]
-    calls = {
-        r: len(re.findall(pattern, lowered_step(target, devices, r))) for r in ("none", "save_dots", "full")
-    }
+    calls = {r: len(re.findall(pattern, lowered_step(target, devices, r))) for r in REMATS}
     assert calls["none"] >= 1
-    assert calls["save_dots"] == calls["none"], calls  # the forward loop's call only
+    assert calls["save_dots"] == calls["offload"] == calls["none"], calls  # the forward loop's call only
     assert calls["full"] > calls["none"], calls  # the backward loop runs it again
 
 
@@ -54,7 +53,7 @@ def test_save_dots_keeps_the_expert_matmul_outputs(aot_target):
     names (models.moe.EXPERT_MATMULS) save_dots would recompute the experts' matmuls."""
     target = aot_target("tpu:v5p:2x2x1")
     moe = ("--config.model.num_experts=4", "--config.model.moe_every=2")
-    calls = {r: lowered_step(target, 4, r, *moe).count("ragged_dot") for r in ("none", "save_dots", "full")}
+    calls = {r: lowered_step(target, 4, r, *moe).count("ragged_dot") for r in REMATS}
     assert calls["none"] >= 2
-    assert calls["save_dots"] == calls["none"], calls
+    assert calls["save_dots"] == calls["offload"] == calls["none"], calls
     assert calls["full"] > calls["none"], calls
