@@ -72,9 +72,9 @@ class Model:
     # remat: what the backward pass keeps of each block's forward: "none" (everything), "full"
     #   (only the block inputs; recompute the rest), "save_dots" (also the matmul outputs, the
     #   experts' grouped matmuls and the attention kernel's output and LSE), "offload" (the same
-    #   outputs moved to host memory; backends with a pinned_host memory). None = "save_dots" for scanned blocks (a scan keeps every
-    #   residual as a stacked loop output, where per-block XLA would fuse the elementwise ones away),
-    #   else "none"; see `remat_policy`.
+    #   outputs moved to host memory; backends with a pinned_host memory). None = "save_dots" for
+    #   scanned blocks (a scan keeps every residual as a stacked loop output, where per-block XLA
+    #   would fuse the elementwise ones away), else "none"; see `remat_policy`.
     scan_blocks: bool | None = None
     remat: str | None = None
     # Mixture of experts (DiT-MoE, models.moe): num_experts > 0 replaces the MLP of every
