@@ -1,8 +1,6 @@
 """The public entry point: dispatch, errors, transformations, shard_map, memory, block skipping."""
 
 import dataclasses
-import importlib.util
-import pathlib
 import re
 
 import jax
@@ -232,17 +230,9 @@ def test_chunked_skips_empty_blocks():
     assert bwd == sorted([plan.rows.steps, plan.rows.steps, plan.cols.steps])
 
 
-def _memory_benchmark():
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "attention_memory.py"
-    spec = importlib.util.spec_from_file_location("attention_memory", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("impl", ["auto", "chunked"])
-def test_memory_is_linear_in_sequence_16k_tokens(impl):
-    stats = _memory_benchmark().measure(impl, seq=16384, heads=4, head_dim=64)
+def test_memory_is_linear_in_sequence_16k_tokens(impl, benchmark_module):
+    stats = benchmark_module("attention_memory").measure(impl, seq=16384, heads=4, head_dim=64)
     assert stats["dense_scores_mib"] == 4096
     assert stats["fwd_temp_mib"] <= 256, stats
     assert stats["fwd_bwd_temp_mib"] <= 512, stats

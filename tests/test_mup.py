@@ -392,15 +392,9 @@ def test_config_validation():
     assert not config_lib.is_resumable("model.mup_base_width")
 
 
-def test_transfer_benchmark_summary():
+def test_transfer_benchmark_summary(benchmark_module):
     """benchmarks/mup_transfer.py's verdict on made-up loss grids: signed shift, regret, divergence."""
-    import os
-    import sys
-
-    sys.path.insert(
-        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-    )
-    from mup_transfer import summarise
+    summarise = benchmark_module("mup_transfer").summarise
 
     lrs = 2.0 ** np.arange(-8, -3)
     losses = {
